@@ -1,0 +1,28 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits with status 2.
+
+Every message names the file, tensor or option at fault, so the user can act on it.
+"""
+
+
+class AimRayError(Exception):
+    """Base class for errors caused by the user's input, not by a bug."""
+
+
+class ConfigError(AimRayError):
+    """A merge / AIM / tune config or CLI option is invalid."""
+
+
+class CheckpointError(AimRayError):
+    """A checkpoint is missing, corrupt, or incompatible with the others."""
+
+
+class CalibrationError(AimRayError):
+    """Calibration data or the model cannot be calibrated as asked."""
+
+
+class ScalesError(AimRayError):
+    """A scales artifact does not match the base model it is applied to."""
+
+
+class OutputExistsError(AimRayError):
+    """The output directory exists and --overwrite was not given."""

@@ -1,0 +1,106 @@
+"""The contract every merge method implements: one tensor at a time, float32, memory independent of N.
+
+A method never sees whole checkpoints. It gets a `TensorInputs` for one tensor name and returns
+`delta_merged` (float32, the base's shape) so that `theta_merged = theta_pre + delta_merged`.
+Returning the delta (not the merged weight) is what lets AIM relax any method, and makes
+`omega = 1` the exact identity: `theta_pre + 1.0 * delta` is bit-identical to `theta_pre + delta`.
+
+Methods stream over experts (`inputs.task_vector(i)` reads expert i lazily from its memory-mapped
+shard) and keep O(1) full-size float32 buffers, so merging 32 experts costs the memory of merging 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class TensorInputs(Protocol):
+    """Lazy access to one tensor of the base and of every expert, already in float32."""
+
+    name: str
+    n_experts: int
+
+    def base(self) -> torch.Tensor:
+        """The base (pre-trained) tensor, float32. Fresh tensor: callers may modify it."""
+        ...
+
+    def expert(self, i: int) -> torch.Tensor:
+        """Expert i's full tensor, float32 (vocabulary rows already aligned to the base's shape)."""
+        ...
+
+    def task_vector(self, i: int) -> torch.Tensor:
+        """tau_i = expert_i - base, float32, a fresh tensor."""
+        ...
+
+    def generator(self, i: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, expert index, tensor name): same masks whatever the
+        number of workers or the order of tensors. Each call returns a freshly seeded generator, so a
+        second pass over the experts draws the same masks."""
+        ...
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Resolved parameters for one tensor: `per_expert[i]` holds expert i's parameters (weight, density,
+    gamma, epsilon...), `shared` the global ones (lambda, normalize, rescale, k, t...). Defaults are
+    already filled in from the method's spec."""
+
+    per_expert: tuple[Mapping[str, Any], ...]
+    shared: Mapping[str, Any]
+
+    def expert(self, i: int, key: str) -> Any:
+        return self.per_expert[i][key]
+
+
+MergeFn = Callable[[TensorInputs, MethodParams], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a method. `per_expert` parameters live under `models[i].parameters` in the
+    MergeKit YAML; shared ones under the top-level `parameters`. `required` means no default."""
+
+    name: str
+    per_expert: bool
+    default: Any = None
+    required: bool = False
+    low: float | None = None  # inclusive bounds, checked at config validation
+    high: float | None = None
+    kind: type = float
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MergeFn
+    params: tuple[ParamSpec, ...]
+    needs_base: bool = True
+    min_experts: int = 1
+    max_experts: int | None = None
+    reference: str = ""
+    doc: str = ""
+    extra_checks: tuple[Callable[[MethodParams], None], ...] = field(default_factory=tuple)
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in REGISTRY:
+        raise RuntimeError(f"merge method {method.name!r} registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def mask_seed(seed: int, expert_index: int, tensor_name: str) -> int:
+    """63-bit seed from (seed, expert, tensor): stable across processes (unlike hash())."""
+    digest = hashlib.sha256(f"{seed}:{expert_index}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
