@@ -1,0 +1,493 @@
+"""Hugging Face checkpoints: lazy per-tensor reads, streaming sharded writes, atomic output directories.
+
+Reading never loads a whole model: the safetensors headers are parsed (and validated) up front, and each
+tensor is memory-mapped on demand. Writing streams too: shards are planned from the known output shapes,
+each shard's header is written first and tensors are appended as they are produced, so peak memory is one
+tensor, not one shard. Outputs are built in a hidden sibling directory and renamed into place only when
+complete, so a crash never leaves a directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, OutputExistsError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+# Files copied next to the merged weights (those that exist in the source).
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+DTYPE_TO_SAFE = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+SAFE_TO_DTYPE = {v: k for k, v in DTYPE_TO_SAFE.items()}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+
+
+def parse_dtype(name: str | torch.dtype, option: str = "dtype") -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    key = aliases.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise CheckpointError(f"{option}: unknown dtype {name!r}; use one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header without reading tensor data."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8 or header_len > 100 * 2**20:
+                raise CheckpointError(f"{file}: corrupt safetensors header (header length {header_len}, "
+                                      f"file size {size})")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header (invalid JSON: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            dtype = SAFE_TO_DTYPE[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
+        expected = dtype_size(dtype) * int(torch.Size(shape).numel())
+        if end > data_len or end - begin != expected or begin < 0:
+            raise CheckpointError(f"{file}: truncated or corrupt data for tensor {name!r} "
+                                  f"(offsets {begin}..{end}, data section {data_len} bytes)")
+    return header
+
+
+def resolve_checkpoint_path(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory, or a hub id resolved through huggingface_hub (needs network or a warm cache)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+        return path
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise CheckpointError(f"{text}: not a local directory and could not be fetched from the Hugging Face "
+                              f"hub ({type(e).__name__}: {e})") from None
+
+
+class Checkpoint:
+    """A Hugging Face model directory opened lazily: names, shapes and dtypes now, tensors on demand."""
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict[str, Any], source: str,
+                 pickled: bool = False) -> None:
+        self.path = path
+        self.source = source
+        self.tensors = tensors
+        self.config = config
+        self.pickled = pickled
+        self._handles: dict[Path, Any] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._hash: str | None = None
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None,
+             allow_pickle: bool = False) -> Checkpoint:
+        path = resolve_checkpoint_path(path_or_id, revision)
+        config = _read_config(path)
+        files, pickled = _weight_files(path, allow_pickle)
+        tensors: dict[str, TensorInfo] = {}
+        for file, expected_names in files.items():
+            for info in _file_tensor_infos(file, pickled):
+                tensors[info.name] = info
+            missing = expected_names - {n for n, i in tensors.items() if i.file == file}
+            if missing:
+                raise CheckpointError(f"{path / SAFE_INDEX}: index maps tensor {sorted(missing)[0]!r} to {file.name}, "
+                                      f"which does not contain it")
+        if not tensors:
+            raise CheckpointError(f"{path}: checkpoint has no tensors")
+        return cls(path, tensors, config, str(path_or_id), pickled)
+
+    # -- metadata ------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self.tensors.values()})
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return str(archs[0])
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    # -- data ----------------------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype. Safetensors files are memory-mapped: the page cache holds the
+        bytes, not the heap, until the caller converts the tensor."""
+        info = self.info(name)
+        if self.pickled:
+            return self._read_bin(info)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+        if info.file not in self._bin_cache:
+            self._bin_cache = {info.file: _load_bin(info.file)}  # keep one pickle file in memory at a time
+        return self._bin_cache[info.file][info.name]
+
+    def content_hash(self) -> str:
+        """sha256 of the weight files' bytes (in name order). Cached per (path, size, mtime) on disk,
+        because hashing a 26 GB model takes a minute and the same base is calibrated against often."""
+        if self._hash is None:
+            self._hash = _cached_files_hash(self.files)
+        return self._hash
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bin_cache.clear()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[dict[Path, set[str]], bool]:
+    """Map each weight file to the tensor names the index says it holds (empty set: no index)."""
+    if (path / SAFE_INDEX).exists():
+        return _index_files(path / SAFE_INDEX), False
+    if (path / SAFE_SINGLE).exists():
+        return {path / SAFE_SINGLE: set()}, False
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return {singles[0]: set()}, False
+    has_bin = (path / BIN_INDEX).exists() or (path / BIN_SINGLE).exists()
+    if has_bin and not allow_pickle:
+        raise CheckpointError(f"{path}: only pickle weights (pytorch_model*.bin) found; pickle files can run "
+                              f"arbitrary code when loaded. Convert to safetensors, or pass --allow-pickle "
+                              f"(loads with torch.load(weights_only=True))")
+    if (path / BIN_INDEX).exists():
+        return _index_files(path / BIN_INDEX), True
+    if (path / BIN_SINGLE).exists():
+        return {path / BIN_SINGLE: set()}, True
+    raise CheckpointError(f"{path}: no model.safetensors or {SAFE_INDEX} found")
+
+
+def _index_files(index: Path) -> dict[Path, set[str]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: invalid index file ({e})") from None
+    files: dict[Path, set[str]] = {}
+    for name, fname in weight_map.items():
+        file = index.parent / fname
+        if not file.exists():
+            raise CheckpointError(f"{index}: names shard {fname!r} (for tensor {name!r}), which does not exist")
+        files.setdefault(file, set()).add(name)
+    return files
+
+
+def _file_tensor_infos(file: Path, pickled: bool) -> Iterable[TensorInfo]:
+    if pickled:
+        for name, t in _load_bin(file).items():
+            yield TensorInfo(name, tuple(t.shape), t.dtype, file)
+        return
+    for name, entry in read_safetensors_header(file).items():
+        if name != "__metadata__":
+            yield TensorInfo(name, tuple(entry["shape"]), SAFE_TO_DTYPE[entry["dtype"]], file)
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{file}: cannot load pickle weights safely ({e})") from None
+
+
+def sha256_file(file: Path, chunk: int = 2**24) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AIM_RAY_CACHE", Path.home() / ".cache" / "aim-ray"))
+
+
+def _cached_files_hash(files: Sequence[Path]) -> str:
+    total = hashlib.sha256()
+    store = cache_dir() / "file-hashes"
+    for file in files:
+        st = file.stat()
+        key = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        memo = store / key
+        if memo.exists():
+            digest = memo.read_text().strip()
+        else:
+            digest = sha256_file(file)
+            store.mkdir(parents=True, exist_ok=True)
+            memo.write_text(digest)
+        total.update(f"{file.name}:{digest}\n".encode())
+    return total.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will receive: known up front so shard headers can be written first."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * dtype_size(self.dtype)
+
+
+def plan_shards(tensors: Sequence[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
+    """Greedy packing in the given order; a tensor larger than shard_size gets a shard of its own.
+    Depends only on the tensor list and shard_size (never on the number of workers), so every run of the
+    same merge produces the same files."""
+    if shard_size <= 0:
+        raise CheckpointError(f"--shard-size must be positive, got {shard_size}")
+    shards: list[list[OutputTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if shards[-1] and used + t.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += t.nbytes
+    return [s for s in shards if s]
+
+
+def shard_filename(index: int, count: int) -> str:
+    return SAFE_SINGLE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in the planned order, hashing as it goes."""
+
+    def __init__(self, file: Path, tensors: Sequence[OutputTensor], metadata: dict[str, str] | None = None):
+        self.file = file
+        self.expected = list(tensors)
+        self._next = 0
+        self._sha = hashlib.sha256()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for t in self.expected:
+            header[t.name] = {"dtype": DTYPE_TO_SAFE[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
+        self._f: BinaryIO = open(file, "wb")
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        want = self.expected[self._next]
+        if name != want.name or tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
+            raise RuntimeError(f"{self.file.name}: expected {want} next, got {name} {tuple(tensor.shape)} "
+                               f"{tensor.dtype}")
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._write(memoryview(flat.numpy()))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.expected)
+
+    def close(self) -> str:
+        """Flush, fsync and return the file's sha256."""
+        if not self.complete:
+            raise RuntimeError(f"{self.file.name}: closed after {self._next}/{len(self.expected)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def write_index(out_dir: Path, shards: Sequence[Sequence[OutputTensor]], metadata: dict[str, Any]) -> None:
+    if len(shards) == 1:
+        return  # HF convention: a single model.safetensors needs no index
+    weight_map = {t.name: shard_filename(i, len(shards)) for i, shard in enumerate(shards) for t in shard}
+    total = sum(t.nbytes for shard in shards for t in shard)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_aux_files(config_src: Path, tokenizer_src: Path, out_dir: Path,
+                   config_updates: dict[str, Any] | None = None) -> list[str]:
+    """Copy config/generation config from the base and tokenizer files from tokenizer_src."""
+    copied = []
+    for name in CONFIG_FILES:
+        if (config_src / name).exists():
+            shutil.copy2(config_src / name, out_dir / name)
+            copied.append(name)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_src / name).exists():
+            shutil.copy2(tokenizer_src / name, out_dir / name)
+            copied.append(name)
+    if config_updates and (out_dir / "config.json").exists():
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg.update(config_updates)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+class OutputDir:
+    """An output checkpoint directory built in a hidden sibling and renamed into place when complete.
+
+    The work dir `.NAME.aim-ray-partial` sits next to the output (same filesystem, so the final rename is
+    atomic). It is never mistaken for a finished checkpoint, and `resume=True` keeps it so finished shards
+    can be reused. An existing output is only replaced with `overwrite=True`.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
+        self.out = Path(out).expanduser().absolute()
+        self.overwrite = overwrite
+        self.work = self.out.parent / f".{self.out.name}.aim-ray-partial"
+        if self.out.exists() and not overwrite:
+            raise OutputExistsError(f"{self.out}: output directory already exists; pass --overwrite to replace it")
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputExistsError(f"{self.out}: exists and is not a directory")
+        self.resume = resume
+
+    def prepare(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.work.exists() and not self.resume:
+            shutil.rmtree(self.work)
+        self.work.mkdir(exist_ok=True)
+        return self.work
+
+    def commit(self) -> Path:
+        """Swap the finished work dir into place (the old output, if overwriting, is removed last)."""
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.aim-ray-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        os.replace(self.work, self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out
+
+    def discard(self) -> None:
+        if self.work.exists():
+            shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Validated configs (pydantic). The merge config is MergeKit's YAML schema plus an `aim:` section.
+
+    merge_method: ties
+    base_model: meta-llama/Llama-2-13b-hf
+    models:
+      - model: WizardLMTeam/WizardLM-13B-V1.2
+        parameters: {weight: 1.0, density: 0.5}
+    parameters: {normalize: true}
+    dtype: float32            # MergeKit's compute dtype: accepted, aim-ray always computes in float32
+    out_dtype: bfloat16       # default: the base model's dtype
+    tokenizer_source: base    # base | union | <model path>; needed when vocabularies differ
+    aim:
+      omega: 0.4
+      scales: scales.safetensors          # or:
+      calibration: {dataset: mit-han-lab/pile-val-backup, n_samples: 256, block_size: 512}
+      kind: activation                    # or sensitivity
+
+Everything is checked here or in `engine.prepare` before a tensor is read or a file written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CALIBRATION_DATASET = "mit-han-lab/pile-val-backup"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class CalibrationConfig(_Strict):
+    dataset: str = DEFAULT_CALIBRATION_DATASET
+    split: str = "validation"
+    n_samples: int = Field(256, gt=0)
+    block_size: int = Field(512, gt=0)
+    n_blocks: int | None = Field(None, gt=0)
+    micro_batch: int = Field(4, gt=0)
+
+
+class AimConfig(_Strict):
+    omega: float = Field(0.4, ge=0.0, le=1.0)
+    kind: Literal["activation", "sensitivity"] = "activation"
+    scales: str | None = None
+    calibration: CalibrationConfig | None = None
+    force: bool = False  # accept scales computed for another base (content hash mismatch)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AimConfig:
+        if self.scales is not None and self.calibration is not None:
+            raise ValueError("give either aim.scales or aim.calibration, not both")
+        return self
+
+    def calibration_or_default(self) -> CalibrationConfig:
+        return self.calibration or CalibrationConfig()
+
+
+class TokenizerConfig(_Strict):
+    source: str
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None  # MergeKit's newer form: tokenizer: {source: ...}
+    aim: AimConfig | None = None
+    name: str | None = None  # free-form label (MergeKit ignores unknown top-level keys; we do not)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_list(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @property
+    def tokenizer_policy(self) -> str | None:
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(model: type[BaseModel], data: Any, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+
+def load_merge_config(path: str | Path) -> MergeConfig:
+    """Read a MergeKit-schema YAML; relative model paths are resolved against the YAML's folder."""
+    path = Path(path)
+    config = parse_config(MergeConfig, read_yaml(path), str(path))
+    return resolve_relative_paths(config, path.parent)
+
+
+def _resolve(ref: str | None, root: Path) -> str | None:
+    if ref is None or Path(ref).is_absolute():
+        return ref
+    candidate = root / ref
+    return str(candidate.resolve()) if candidate.exists() else ref
+
+
+def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
+    models = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
+    update: dict[str, Any] = {"models": models, "base_model": _resolve(config.base_model, root)}
+    policy = config.tokenizer_policy
+    if policy not in (None, "base", "union"):
+        update["tokenizer_source"] = _resolve(policy, root)
+        update["tokenizer"] = None
+    if config.aim is not None and config.aim.scales is not None:
+        update["aim"] = config.aim.model_copy(update={"scales": _resolve(config.aim.scales, root)})
+    return config.model_copy(update=update)
