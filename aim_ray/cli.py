@@ -1,0 +1,179 @@
+"""`aim-ray` command line: merge | calibrate | relax | eval | tune | demo.
+
+Thin wrappers: each command validates its options, calls the library, and turns `AimRayError`s into a
+one-line message and exit status 2 (no traceback: the message names the file, tensor or option at fault).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import AimRayError
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AimRayError as e:
+            click.echo(f"aim-ray: error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '1.5e9', '2GiB'."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 5GB, 500MB, 2GiB, 1000000)") from None
+    if value <= 0:
+        raise click.BadParameter(f"{text!r} must be positive")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aim-ray")
+def main() -> None:
+    """Merge fine-tuned LLM experts with Activation-Informed Merging, on one machine or a Ray cluster."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output checkpoint directory (created atomically).")
+@click.option("--seed", default=0, show_default=True, help="Seed for random sparsification (DARE, DELLA).")
+@click.option("--shard-size", default="5GB", show_default=True, callback=lambda c, p, v: parse_size(v),
+              help="Maximum bytes per output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--resume", is_flag=True, help="Reuse shards finished by an interrupted run of the same merge.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model*.bin inputs (torch.load weights_only).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input tensor has NaN/Inf.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Ray workers (one layer range / run of shards each); 1 runs in this process without Ray.")
+@click.option("--address", default=None, help="Ray cluster to attach to (default: RAY_ADDRESS, else start a "
+              "local cluster).")
+@click.option("--cpus-per-worker", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="CPUs in each worker's placement-group bundle.")
+@click.option("--gpus-per-worker", default=None, type=click.FloatRange(min=0),
+              help="GPUs in each worker's bundle [default: 1 if the cluster has one per worker, else 0].")
+@click.option("--placement", type=click.Choice(["pack", "spread"]), default="pack", show_default=True,
+              help="Placement-group strategy for the workers.")
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan (ranges, shards, memory); write nothing.")
+@user_errors
+def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, resume: bool,
+          allow_pickle: bool, allow_nonfinite: bool, quiet: bool, workers: int, address: str | None,
+          cpus_per_worker: float, gpus_per_worker: float | None, placement: str, dry_run: bool) -> None:
+    """Merge the experts of a MergeKit-schema CONFIG (YAML), with AIM if it has an `aim:` section."""
+    from .config import load_merge_config
+    from .service import merge_from_config
+
+    cfg = load_merge_config(config)
+    cluster = None
+    if workers > 1 or dry_run:
+        from .actors import ClusterOptions
+
+        cluster = ClusterOptions(workers=workers, address=address, cpus_per_worker=cpus_per_worker,
+                                 gpus_per_worker=gpus_per_worker, placement=placement)
+    if dry_run:
+        from .actors import dry_run_plan
+
+        click.echo(dry_run_plan(cfg, cluster, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle))
+        return
+    path = merge_from_config(cfg, out, seed=seed, shard_size=shard_size, overwrite=overwrite, resume=resume,
+                             allow_pickle=allow_pickle, check_finite=not allow_nonfinite, progress=not quiet,
+                             cluster=cluster)
+    click.echo(f"wrote {path}")
+
+
+def calibration_options(fn):
+    """Options shared by `calibrate` and `relax` (the DESIGN.md section 1 defaults)."""
+    from .config import DEFAULT_CALIBRATION_DATASET
+
+    options = [
+        click.option("--data", default=DEFAULT_CALIBRATION_DATASET, show_default=True,
+                     help="Hub dataset id or local .jsonl/.json/.txt/.parquet file."),
+        click.option("--split", default="validation", show_default=True, help="Dataset split (hub ids)."),
+        click.option("--n-samples", default=256, show_default=True, type=click.IntRange(min=1)),
+        click.option("--block-size", default=512, show_default=True, type=click.IntRange(min=1)),
+        click.option("--n-blocks", default=None, type=click.IntRange(min=1), help="Cap on calibration blocks."),
+        click.option("--micro-batch", default=4, show_default=True, type=click.IntRange(min=1)),
+        click.option("--kind", type=click.Choice(["activation", "sensitivity"]), default="activation",
+                     show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("base")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Scales file to write (safetensors).")
+@calibration_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing scales file.")
+@user_errors
+def calibrate(base: str, out: Path, data: str, split: str, n_samples: int, block_size: int, n_blocks: int | None,
+              micro_batch: int, kind: str, overwrite: bool) -> None:
+    """Compute AIM scales of the BASE model (cached: the same calibration is never computed twice)."""
+    from .calibration import cached_calibrate
+    from .errors import OutputExistsError
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    scales = cached_calibrate(base, dataset=data, n_samples=n_samples, block_size=block_size, n_blocks=n_blocks,
+                              kind=kind, split=split, micro_batch=micro_batch)
+    scales.save(out)
+    click.echo(f"wrote {kind} scales for {len(scales)} modules to {out}")
+
+
+@main.command()
+@click.option("--base", required=True, help="The pre-trained model the merge started from.")
+@click.option("--merged", required=True, help="Any merged checkpoint (e.g. made by MergeKit).")
+@click.option("--scales", "scales_path", default=None, help="Scales file from `aim-ray calibrate`.")
+@calibration_options
+@click.option("--omega", required=True, type=float, help="AIM omega in [0, 1] (1 = unchanged).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Accept scales computed for another base model.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def relax(base: str, merged: str, scales_path: str | None, data: str, split: str, n_samples: int, block_size: int,
+          n_blocks: int | None, micro_batch: int, kind: str, omega: float, out: Path, force: bool,
+          overwrite: bool, quiet: bool) -> None:
+    """Apply AIM to an existing merged checkpoint: theta = base + (1 - A(1 - omega)) (merged - base)."""
+    from .service import relax_checkpoint
+
+    path = relax_checkpoint(base, merged, out, omega=omega, scales=scales_path, kind=kind, force=force,
+                            calibration={"dataset": data, "split": split, "n_samples": n_samples,
+                                         "block_size": block_size, "n_blocks": n_blocks,
+                                         "micro_batch": micro_batch},
+                            overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Where the demo writes its merged model.")
+@user_errors
+def demo(out: Path) -> None:
+    """Build tiny experts locally and merge them (the README's first command)."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+if __name__ == "__main__":
+    main()

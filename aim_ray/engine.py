@@ -1,0 +1,416 @@
+"""The single-process merge core: validate, merge (and relax) one tensor at a time, write shards, commit.
+
+`prepare` checks everything that can be checked from headers and configs before any tensor is read or any
+file written. `merge_tensor` is the one per-tensor function both the single-process path and the Ray
+workers call, so their outputs are bit-identical. `write_shard` writes one planned shard; the shard plan
+depends only on the tensor list and the shard size, never on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    DEFAULT_SHARD_SIZE,
+    Checkpoint,
+    OutputDir,
+    OutputTensor,
+    ShardWriter,
+    copy_aux_files,
+    parse_dtype,
+    plan_shards,
+    sha256_file,
+    shard_filename,
+    write_index,
+)
+from .config import MergeConfig
+from .errors import AimRayError, CheckpointError, ConfigError
+from .methods import get_method, resolve_params
+from .methods.base import MergeMethod, MethodParams, mask_seed
+from .plan import ordered_names
+
+# Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+VOCAB_POLICIES = ("base", "union")
+
+# A relaxation hook: (tensor name, theta_pre float32, delta float32) -> relaxed weight float32.
+RelaxFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MergeJob:
+    """Everything a merge needs, validated. Cheap to rebuild from (config, options) in each worker."""
+
+    config: MergeConfig
+    method: MergeMethod
+    params: MethodParams
+    base: Checkpoint
+    experts: list[Checkpoint]
+    expert_refs: list[str]
+    out_dtype: torch.dtype
+    outputs: list[OutputTensor]
+    vocab_rows: int | None
+    tokenizer_src: Path
+    seed: int = 0
+    check_finite: bool = True
+    shard_size: int = DEFAULT_SHARD_SIZE
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shards(self) -> list[list[OutputTensor]]:
+        return plan_shards(self.outputs, self.shard_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.base.config.get("num_hidden_layers", 0))
+
+    def fingerprint(self) -> str:
+        """Identifies this exact merge (inputs, options, shard plan) for safe --resume."""
+        import hashlib
+
+        payload = json.dumps({"config": self.config.model_dump(mode="json"), "seed": self.seed,
+                              "shard_size": self.shard_size, "dtype": str(self.out_dtype),
+                              "inputs": [str(c.path) for c in [self.base, *self.experts]]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, check_finite: bool = True,
+            shard_size: int = DEFAULT_SHARD_SIZE) -> MergeJob:
+    """Validate the config against the checkpoints' headers. Reads no tensor data."""
+    method = get_method(config.merge_method)
+    entries, base_ref = _split_base(config, method)
+    base = _open(base_ref, "base_model", allow_pickle)
+    experts = [_open(e.model, f"models[{i}]", allow_pickle) for i, e in enumerate(entries)]
+    params = resolve_params(method, [e.parameters for e in entries], config.parameters)
+    refs = [e.model for e in entries]
+    for ref, ckpt in zip(refs, experts):
+        _check_architecture(base, ckpt, base_ref, ref)
+    vocab_rows, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    out_dtype = parse_dtype(config.out_dtype, "out_dtype") if config.out_dtype else model_dtype(base)
+    if config.dtype is not None:
+        parse_dtype(config.dtype, "dtype")  # accepted for MergeKit compatibility; compute is always float32
+    names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
+    _check_tensor_sets(base, experts, refs, names, vocab_rows)
+    n_layers = int(base.config.get("num_hidden_layers", 0))
+    outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, n_layers)]
+    return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src,
+                    seed, check_finite, shard_size)
+
+
+def _split_base(config: MergeConfig, method: MergeMethod):
+    """MergeKit semantics: a `models` entry naming the base model is the base, not an expert (for methods
+    that need a base). Methods without one (linear) average every listed model."""
+    if method.needs_base:
+        if config.base_model is None:
+            raise ConfigError(f"merge_method {method.name!r} needs base_model")
+        entries = [e for e in config.models if e.model != config.base_model]
+        base_ref = config.base_model
+    else:
+        entries = list(config.models)
+        base_ref = config.base_model or entries[0].model
+    if len(entries) < method.min_experts:
+        raise ConfigError(f"merge_method {method.name!r} needs at least {method.min_experts} model(s) besides "
+                          f"the base, got {len(entries)}")
+    if method.max_experts is not None and len(entries) > method.max_experts:
+        raise ConfigError(f"merge_method {method.name!r} takes at most {method.max_experts} model(s) besides "
+                          f"the base, got {len(entries)}")
+    return entries, base_ref
+
+
+def _open(ref: str, option: str, allow_pickle: bool) -> Checkpoint:
+    try:
+        return Checkpoint.open(ref, allow_pickle=allow_pickle)
+    except CheckpointError as e:
+        raise CheckpointError(f"{option}: {e}") from None
+
+
+def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref: str) -> None:
+    if base.architecture != other.architecture:
+        raise CheckpointError(f"{ref}: architecture {other.architecture} differs from the base's "
+                              f"{base.architecture} ({base_ref})")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+        if base.config.get(key) != other.config.get(key):
+            raise CheckpointError(f"{ref}: config {key}={other.config.get(key)} differs from the base's "
+                                  f"{base.config.get(key)}")
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
+                base_ref: str) -> tuple[int | None, Path]:
+    """Target vocabulary rows (None: all equal) and where the tokenizer comes from."""
+    policy = config.tokenizer_policy
+    rows = {ref: _vocab_rows(c) for ref, c in zip([base_ref, *refs], [base, *experts])}
+    by_ref = dict(zip([base_ref, *refs], [base, *experts]))
+    if policy is None:
+        if len(set(rows.values())) > 1:
+            odd = next(r for r in refs if rows[r] != rows[base_ref])
+            raise CheckpointError(
+                f"{odd}: vocabulary has {rows[odd]} rows but the base ({base_ref}) has {rows[base_ref]}; "
+                f"set tokenizer_source: base (keep the base vocabulary, drop extra rows) or union (extend; new "
+                f"rows come from the experts that have them)")
+        return None, base.path
+    if policy == "base":
+        return rows[base_ref], base.path
+    if policy == "union":
+        widest = max(by_ref, key=lambda r: rows[r])
+        return rows[widest], by_ref[widest].path
+    if policy not in by_ref:
+        raise ConfigError(f"tokenizer_source {policy!r}: must be 'base', 'union' or one of the merged models")
+    return rows[policy], by_ref[policy].path
+
+
+def _vocab_rows(ckpt: Checkpoint) -> int | None:
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in ckpt.tensors:
+            return ckpt.tensors[name].shape[0]
+    return None
+
+
+def _check_tensor_sets(base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
+                       names: Sequence[str], vocab_rows: int | None) -> None:
+    wanted = set(names)
+    for ref, ckpt in zip(refs, experts):
+        have = {n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)}
+        if missing := sorted(wanted - have):
+            raise CheckpointError(f"{ref}: tensor {missing[0]!r} is missing (present in the base)")
+        if extra := sorted(have - wanted):
+            raise CheckpointError(f"{ref}: has tensor {extra[0]!r} that the base lacks")
+        for name in names:
+            a, b = base.tensors[name].shape, ckpt.tensors[name].shape
+            if a == b:
+                continue
+            if vocab_rows is not None and _is_vocab_tensor(name) and a[1:] == b[1:]:
+                continue
+            raise CheckpointError(f"{ref}: tensor {name!r} has shape {tuple(b)}, the base has {tuple(a)}")
+
+
+def model_dtype(ckpt: Checkpoint) -> torch.dtype:
+    floats = [i.dtype for i in ckpt.tensors.values() if i.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _output_tensor(base: Checkpoint, name: str, out_dtype: torch.dtype, vocab_rows: int | None) -> OutputTensor:
+    info = base.tensors[name]
+    shape = info.shape
+    if vocab_rows is not None and _is_vocab_tensor(name):
+        shape = (vocab_rows, *shape[1:])
+    return OutputTensor(name, tuple(shape), out_dtype if info.dtype.is_floating_point else info.dtype)
+
+
+# ------------------------------------------------------------------------------------- per-tensor merge
+
+
+class CheckpointInputs:
+    """`TensorInputs` over memory-mapped checkpoints: reads lazily, aligns vocabulary rows, checks finiteness."""
+
+    def __init__(self, job: MergeJob, name: str) -> None:
+        self.job = job
+        self.name = name
+        self.n_experts = len(job.experts)
+        self._base: torch.Tensor | None = None
+        self._checked: set[int] = set()
+
+    def _read(self, index: int) -> torch.Tensor:
+        """index -1 is the base, i >= 0 expert i. Float32, a fresh tensor."""
+        ckpt = self.job.base if index < 0 else self.job.experts[index]
+        t = ckpt.read(self.name).to(torch.float32)
+        if self.job.check_finite and index not in self._checked:
+            if not torch.isfinite(t).all():
+                ref = "base_model" if index < 0 else self.job.expert_refs[index]
+                raise CheckpointError(f"{ref}: tensor {self.name!r} contains NaN or Inf; pass "
+                                      f"--allow-nonfinite to merge anyway")
+            self._checked.add(index)
+        return t
+
+    def base(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._aligned_base()
+        return self._base.clone()
+
+    def expert(self, i: int) -> torch.Tensor:
+        t = self._read(i)
+        rows = self.job.vocab_rows
+        if rows is None or not _is_vocab_tensor(self.name) or t.shape[0] == rows:
+            return t
+        if t.shape[0] > rows:
+            return t[:rows].clone()
+        if self._base is None:
+            self._base = self._aligned_base()
+        return torch.cat([t, self._base[t.shape[0]:]])  # rows this expert lacks: no task vector there
+
+    def task_vector(self, i: int) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._aligned_base()
+        return self.expert(i).sub_(self._base)
+
+    def generator(self, i: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mask_seed(self.job.seed, i, self.name))
+
+    def _aligned_base(self) -> torch.Tensor:
+        t = self._read(-1)
+        rows = self.job.vocab_rows
+        if rows is None or not _is_vocab_tensor(self.name) or t.shape[0] == rows:
+            return t
+        if t.shape[0] > rows:
+            return t[:rows].clone()
+        return torch.cat([t, self._union_rows(t.shape[0], rows)])
+
+    def _union_rows(self, start: int, rows: int) -> torch.Tensor:
+        """Rows the base lacks: the mean of the experts that have each row."""
+        tail = self.job.base.tensors[self.name].shape[1:]
+        total = torch.zeros((rows - start, *tail), dtype=torch.float32)
+        count = torch.zeros(rows - start, dtype=torch.float32)
+        for i in range(self.n_experts):
+            t = self._read(i)
+            have = min(t.shape[0], rows) - start
+            if have > 0:
+                total[:have] += t[start:start + have]
+                count[:have] += 1
+        return total / count.clamp(min=1).view(-1, *[1] * (total.dim() - 1))
+
+
+def merge_tensor(job: MergeJob, name: str, relax: RelaxFn | None = None) -> torch.Tensor:
+    """Merge one tensor (and relax it with AIM when `relax` is given); returns it in the output dtype."""
+    info = job.base.tensors[name]
+    if not info.dtype.is_floating_point:
+        return job.base.read(name).clone()  # integer buffers are copied from the base
+    inputs = CheckpointInputs(job, name)
+    delta = job.method.fn(inputs, job.params)
+    theta_pre = inputs.base()
+    merged = relax(name, theta_pre, delta) if relax is not None else theta_pre.add_(delta)
+    return merged.to(job.out_dtype if info.dtype.is_floating_point else info.dtype)
+
+
+# ------------------------------------------------------------------------------------------ shard writing
+
+
+def shard_metadata(job: MergeJob, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"aim_ray_version": __version__, "merge_method": job.method.name, **(extra or {})}
+
+
+def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None = None,
+                metadata: dict[str, str] | None = None, on_tensor: Callable[[str], None] | None = None) -> str:
+    """Write shard `index` of the plan into work_dir (via a .tmp file renamed when complete); return sha256."""
+    shards = job.shards
+    final = work_dir / shard_filename(index, len(shards))
+    tmp = final.with_name(final.name + ".tmp")
+    writer = ShardWriter(tmp, shards[index], shard_metadata(job, metadata))
+    try:
+        for out in shards[index]:
+            writer.add(out.name, merge_tensor(job, out.name, relax))
+            if on_tensor is not None:
+                on_tensor(out.name)
+        digest = writer.close()
+    except BaseException:
+        writer.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+    return digest
+
+
+# ----------------------------------------------------------------------------------------- progress / resume
+
+PROGRESS = "aim-ray-progress.json"
+
+
+def load_progress(job: MergeJob, work_dir: Path) -> dict[int, str]:
+    """Shards already written by an earlier run of the same merge, verified by sha256."""
+    file = work_dir / PROGRESS
+    if not file.exists():
+        return {}
+    state = json.loads(file.read_text())
+    if state.get("fingerprint") != job.fingerprint():
+        return {}
+    done = {}
+    n = len(job.shards)
+    for key, digest in state.get("shards", {}).items():
+        path = work_dir / shard_filename(int(key), n)
+        if path.exists() and sha256_file(path) == digest:
+            done[int(key)] = digest
+    return done
+
+
+def save_progress(job: MergeJob, work_dir: Path, done: dict[int, str]) -> None:
+    tmp = work_dir / (PROGRESS + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": job.fingerprint(), "shards": {str(k): v for k, v in
+                                                                           sorted(done.items())}}))
+    os.replace(tmp, work_dir / PROGRESS)
+
+
+# --------------------------------------------------------------------------------------------- finalize
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"aim_ray": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dict[str, Any]) -> None:
+    """Index, config, tokenizer and merge report; the caller then commits the directory."""
+    shards = job.shards
+    write_index(work_dir, shards, {"aim_ray_version": __version__})
+    updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
+    if job.vocab_rows is not None:
+        updates["vocab_size"] = job.vocab_rows
+    copy_aux_files(job.base.path, job.tokenizer_src, work_dir, updates)
+    report = {
+        "config": job.config.model_dump(mode="json"),
+        "seed": job.seed,
+        "versions": versions(),
+        "shards": {shard_filename(i, len(shards)): digests[i] for i in sorted(digests)},
+        "notes": job.notes,
+        **report,
+    }
+    (work_dir / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work_dir / PROGRESS).unlink(missing_ok=True)
+
+
+def run_merge(job: MergeJob, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+              relax: RelaxFn | None = None, metadata: dict[str, str] | None = None,
+              report: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """Single-process merge: every shard in order, then finalize and commit atomically."""
+    output = OutputDir(out, overwrite=overwrite, resume=resume)
+    started = time.time()
+    work = output.prepare()
+    try:
+        done = load_progress(job, work)
+        bar = _progress_bar(job, done, progress)
+        for index in range(len(job.shards)):
+            if index in done:
+                continue
+            done[index] = write_shard(job, work, index, relax, metadata, on_tensor=lambda _: bar.update())
+            save_progress(job, work, done)
+        bar.close()
+        timings = {"merge_seconds": round(time.time() - started, 3)}
+        finalize(job, work, done, {"timings": timings, **(report or {})})
+        return output.commit()
+    except AimRayError:
+        output.discard()  # bad input: a rerun cannot reuse anything. A crash or an interrupt keeps the
+        raise  # hidden work dir instead, so `--resume` reuses the finished shards.
+
+
+def _progress_bar(job: MergeJob, done: Iterable[int], enabled: bool):
+    from tqdm.auto import tqdm
+
+    skipped = sum(len(job.shards[i]) for i in done)
+    return tqdm(total=len(job.outputs), initial=skipped, unit="tensor", desc="merging", disable=not enabled)

@@ -1,0 +1,224 @@
+"""End-to-end merges through `aim-ray merge`: formulas, loadable outputs, validation before any write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from aim_ray.checkpoint import Checkpoint
+from aim_ray.cli import main
+from aim_ray.methods import REGISTRY
+from aim_ray.tiny import build_model, save_model, tiny_config
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint.open(path)
+    return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+def test_task_arithmetic_equals_formula_and_loads(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("task_arithmetic", base, experts, [{"weight": w} for w in (0.5, 0.3, 0.2)],
+                      parameters={"lambda": 0.9})
+    out = tmp_path / "out"
+    result = run_cli("merge", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    merged, b = state(out), state(base)
+    es = [state(e) for e in experts]
+    assert merged.keys() == b.keys()
+    for name, theta in b.items():
+        expected = theta + 0.9 * sum(w * (e[name] - theta) for w, e in zip((0.5, 0.3, 0.2), es))
+        assert merged[name].dtype == theta.dtype and merged[name].shape == theta.shape
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert model(torch.tensor([[1, 5, 7]])).logits.shape[-1] == 256
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["shards"]["model.safetensors"] and report["versions"]["torch"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _params_for(method: str, n: int) -> tuple[list[dict], dict]:
+    per = {"slerp": [{}], "model_stock": [{}] * n, "localize_stitch": [{}] * n,
+           "consensus_ta": [{"weight": 1.0}] * n}.get(method, [{"weight": 1.0, "density": 0.7}] * n)
+    if method in ("task_arithmetic", "linear", "widen", "consensus_ta"):
+        per = [{"weight": 1.0}] * n if method != "widen" else [{}] * n
+    shared = {"t": 0.3} if method == "slerp" else {}
+    return per, shared
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_config, tmp_path):
+    base, experts = llama_bf16_family
+    experts = experts[:1] if method == "slerp" else experts
+    per, shared = _params_for(method, len(experts))
+    per = [dict(p) for p in per]
+    cfg = make_config(method, base, experts, per, parameters=shared)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref = Checkpoint.open(base)
+    got = Checkpoint.open(out)
+    assert {n: (i.shape, i.dtype) for n, i in got.tensors.items()} == {
+        n: (i.shape, i.dtype) for n, i in ref.tensors.items()}
+    assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_sharded_output_and_same_seed_same_bytes(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("dare_ties", base, experts, [{"weight": 1.0, "density": 0.5}] * 3)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, seed in ((a, 7), (b, 7), (c, 8)):
+        assert run_cli("merge", cfg, "--out", out, "--seed", seed, "--shard-size", "60KB", "--quiet").exit_code == 0
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def _expect_error(cfg: Path, out: Path, match: str, *extra: str) -> None:
+    result = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--quiet", *extra])
+    assert result.exit_code == 2, result.output
+    assert match in result.output, result.output
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+
+
+def _variant(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_expert_path(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("ties", base, [experts[0], tmp_path / "nowhere"])
+    _expect_error(cfg, tmp_path / "out", "nowhere")
+
+
+def test_tensor_missing_in_one_expert(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+    bad = _variant(experts[1], tmp_path / "bad", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    _expect_error(make_config("ties", base, [experts[0], bad]), tmp_path / "out",
+                  "'model.layers.1.mlp.up_proj.weight' is missing")
+
+
+def test_shape_mismatch(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+
+    def edit(t):
+        t["model.layers.0.self_attn.q_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"][:, :32].clone()
+
+    bad = _variant(experts[1], tmp_path / "bad", edit)
+    _expect_error(make_config("ties", base, [experts[0], bad]), tmp_path / "out", "q_proj.weight' has shape")
+
+
+def test_nan_in_expert_is_refused_and_leaves_nothing(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+
+    def edit(t):
+        t["model.layers.1.mlp.down_proj.weight"][3, 4] = float("nan")
+
+    bad = _variant(experts[1], tmp_path / "bad", edit)
+    cfg = make_config("task_arithmetic", base, [experts[0], bad])
+    _expect_error(cfg, tmp_path / "out", "NaN or Inf")
+    result = run_cli("merge", cfg, "--out", tmp_path / "out", "--quiet", "--allow-nonfinite")
+    assert result.exit_code == 0
+
+
+def test_architecture_mismatch(llama_family, qwen_family, make_config, tmp_path):
+    base, experts = llama_family
+    _expect_error(make_config("ties", base, [experts[0], qwen_family[1][0]]), tmp_path / "out", "architecture")
+
+
+@pytest.mark.parametrize("cfg_edit,match", [
+    ({"merge_method": "frankenmerge"}, "'frankenmerge' is unknown"),
+    ({"parameters": {"bogus": 1}}, "bogus"),
+    ({"models_params": {"density": 1.5}}, "density"),
+    ({"models_params": {"weight": "heavy"}}, "weight"),
+    ({"extra_top": 1}, "extra_top"),
+])
+def test_bad_config_values(llama_family, make_config, tmp_path, cfg_edit, match):
+    base, experts = llama_family
+    params = [{"weight": 1.0, "density": 0.5, **cfg_edit.pop("models_params", {})} for _ in experts]
+    method = cfg_edit.pop("merge_method", "ties")
+    cfg = make_config(method, base, experts, params, **cfg_edit)
+    _expect_error(cfg, tmp_path / "out", match)
+
+
+def test_existing_output_needs_overwrite(llama_family, make_config, tmp_path):
+    base, experts = llama_family
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cfg = make_config("task_arithmetic", base, experts)
+    result = run_cli("merge", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli("merge", cfg, "--out", out, "--quiet", "--overwrite").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- vocabulary policies
+
+
+@pytest.fixture(scope="module")
+def wide_expert(llama_family, tmp_path_factory):
+    """An expert with one extra vocabulary row (32000 vs 32001 in the paper's WizardMath case)."""
+    base, _ = llama_family
+    out = tmp_path_factory.mktemp("wide") / "wide"
+    model = build_model(tiny_config("llama", vocab_size=257), seed=11)
+    save_model(model, out, base)
+    return out
+
+
+def test_vocab_mismatch_needs_a_policy(llama_family, wide_expert, make_config, tmp_path):
+    base, experts = llama_family
+    _expect_error(make_config("task_arithmetic", base, [experts[0], wide_expert]), tmp_path / "out",
+                  "tokenizer_source")
+
+
+def test_vocab_policy_base_drops_extra_rows(llama_family, wide_expert, make_config, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("task_arithmetic", base, [experts[0], wide_expert], tokenizer_source="base")
+    out = tmp_path / "out"
+    assert run_cli("merge", cfg, "--out", out, "--quiet").exit_code == 0
+    b, e0, w, m = state(base), state(experts[0]), state(wide_expert), state(out)
+    name = "model.embed_tokens.weight"
+    assert m[name].shape == b[name].shape
+    torch.testing.assert_close(m[name], b[name] + (e0[name] - b[name]) + (w[name][:256] - b[name]), rtol=0,
+                               atol=1e-6)
+
+
+def test_vocab_policy_union_extends_rows(llama_family, wide_expert, make_config, tmp_path):
+    base, experts = llama_family
+    cfg = make_config("task_arithmetic", base, [experts[0], wide_expert], tokenizer_source="union")
+    out = tmp_path / "out"
+    assert run_cli("merge", cfg, "--out", out, "--quiet").exit_code == 0
+    w, m = state(wide_expert), state(out)
+    name = "lm_head.weight"
+    assert m[name].shape[0] == 257
+    # the new row: the base takes the mean of the experts that have it; only the wide expert moves it
+    torch.testing.assert_close(m[name][256], w[name][256], rtol=0, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 257
