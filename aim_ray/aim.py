@@ -1,0 +1,116 @@
+"""AIM relaxation (paper eq. 4): `theta_AIM = theta_pre + (1 - A * (1 - omega)) * delta_merged`.
+
+`A = s / max(s)` per tensor, where `s` are the raw scales of the artifact (`aim_ray.scales`):
+
+- activation scales: one value per **input** channel; applied along the last dimension of a weight, so column
+  `j` of an `nn.Linear` weight `[out, in]` is scaled by `1 - A[j] * (1 - omega)`; norm weights elementwise;
+- sensitivity scales (eq. 5): same shape as the parameter, applied elementwise.
+
+Not relaxed (the merged value is kept): embeddings and biases. A tied embedding (`tie_word_embeddings` and no
+`lm_head.weight` in the checkpoint) is the head too: it is relaxed with `lm_head`'s scales, explicitly, and
+`scale_for` returns a note for the writer to record in the output metadata.
+
+Everything is float32 and `relax` never mutates its inputs (Tune reuses one cached delta for many omegas).
+
+Differences from the reference implementation (deliberate):
+
+- it accumulates the activation scales in bfloat16; we accumulate in float32;
+- it rounds `delta` to bfloat16 before scaling, so omega=1 is not the identity; here omega=1 returns
+  `theta_pre + delta` bit for bit (`1 - A * 0.0` is exactly 1.0 and nothing else is rounded);
+- it relaxes a tied embedding by accident (through `lm_head`); here that is an explicit, recorded choice;
+- it silently resizes vocabularies; we refuse mismatched shapes (ScalesError / CheckpointError);
+- it does not save the tokenizer; the writer copies it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from .errors import ConfigError, ScalesError
+from .scales import KINDS, is_embedding
+
+TIED_NOTE = "tied embedding {name} relaxed with lm_head's input scales ({key})"
+
+
+class ScaleChoice(NamedTuple):
+    """Which scales relax a tensor: `scale` None means not relaxed; `note` is set for the tied embedding."""
+
+    scale: torch.Tensor | None
+    key: str | None = None
+    note: str | None = None
+
+
+def validate_omega(omega: float) -> float:
+    if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not math.isfinite(omega):
+        raise ConfigError(f"aim.omega must be a number in [0, 1], got {omega!r}")
+    if not 0.0 <= omega <= 1.0:
+        raise ConfigError(f"aim.omega must be in [0, 1] (1 = no relaxation, 0 = full revert), got {omega}")
+    return float(omega)
+
+
+def normalize(scale: torch.Tensor) -> torch.Tensor:
+    """`A = s / max(s)` in float32; a dead module (max 0) gets A = 0, i.e. is not relaxed."""
+    s = scale.to(torch.float32)
+    peak = s.max()
+    if not bool(peak > 0):
+        return torch.zeros_like(s)
+    return s / peak
+
+
+def relaxation_factor(scale: torch.Tensor, omega: float) -> torch.Tensor:
+    """`1 - A * (1 - omega)`; exactly 1.0 everywhere for omega = 1."""
+    return 1.0 - normalize(scale) * (1.0 - validate_omega(omega))
+
+
+def relax(name: str, theta_pre: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None,
+          omega: float) -> torch.Tensor:
+    """The AIM-relaxed weight in float32. `scale` None (embeddings, biases): `theta_pre + delta`."""
+    omega = validate_omega(omega)
+    if theta_pre.shape != delta.shape:
+        raise ScalesError(f"{name}: base shape {tuple(theta_pre.shape)} != delta shape {tuple(delta.shape)}")
+    base = theta_pre.to(torch.float32)
+    d = delta.to(torch.float32)
+    if scale is None:
+        return base + d
+    _check_scale_shape(name, scale, d)
+    return base + relaxation_factor(scale.to(d.device), omega) * d
+
+
+def _check_scale_shape(name: str, scale: torch.Tensor, delta: torch.Tensor) -> None:
+    elementwise = scale.shape == delta.shape
+    per_column = scale.dim() == 1 and delta.dim() >= 1 and scale.shape[0] == delta.shape[-1]
+    if not (elementwise or per_column):
+        raise ScalesError(f"{name}: scales of shape {tuple(scale.shape)} fit neither the tensor's shape "
+                          f"{tuple(delta.shape)} nor its last dimension")
+
+
+def scale_for(name: str, scales: Mapping[str, torch.Tensor], tie_word_embeddings: bool = False,
+              kind: str | None = None) -> ScaleChoice:
+    """The raw scales that relax checkpoint tensor `name` (`kind` defaults to `scales.kind`, else activation).
+
+    `X.weight` -> scales[`X`] (activation) or scales[`X.weight`] (sensitivity); embeddings and biases -> None;
+    with tied embeddings, `model.embed_tokens.weight` -> `lm_head`'s scales, with a note.
+    """
+    kind = kind or getattr(scales, "kind", "activation")
+    if kind not in KINDS:
+        raise ScalesError(f"scales kind must be one of {KINDS}, got {kind!r}")
+    if not name.endswith(".weight"):
+        return ScaleChoice(None)  # biases (and any buffer) keep the merged value
+    if is_embedding(name):
+        if not tie_word_embeddings:
+            return ScaleChoice(None)
+        key = "lm_head" if kind == "activation" else "lm_head.weight"
+        return ScaleChoice(_lookup(scales, key, name, kind), key, TIED_NOTE.format(name=name, key=key))
+    key = name.removesuffix(".weight") if kind == "activation" else name
+    return ScaleChoice(_lookup(scales, key, name, kind), key)
+
+
+def _lookup(scales: Mapping[str, torch.Tensor], key: str, name: str, kind: str) -> torch.Tensor:
+    if key not in scales:
+        unit = "module" if kind == "activation" else "parameter"
+        raise ScalesError(f"{kind} scales have no entry for {unit} {key!r} (needed by tensor {name!r})")
+    return scales[key]
