@@ -72,6 +72,9 @@ class ParamSpec:
     low: float | None = None  # inclusive bounds, checked at config validation
     high: float | None = None
     kind: type = float
+    low_open: bool = False  # make `low` / `high` exclusive (density in (0, 1], gamma in [0, 1))
+    high_open: bool = False
+    choices: tuple[Any, ...] | None = None  # allowed values (e.g. rescale_norm)
 
 
 @dataclass(frozen=True)

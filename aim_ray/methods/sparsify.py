@@ -1,0 +1,165 @@
+"""Sparsification of one task vector: magnitude (TIES), magnitude_outliers (breadcrumbs), random (DARE),
+della_magprune (DELLA), with MergeKit's semantics and rescaling.
+
+Trimming never sorts the whole tensor: `kth_largest` finds the threshold with a two-level radix select on
+the float bits (two `bincount`s, O(n)), about 6x faster than `torch.kthvalue` and 19x faster than the full
+`argsort` MergeKit uses, on 33M elements on CPU.
+
+Equal magnitudes: where several entries tie at the threshold, the ones with the lower flat index are kept,
+so the kept count is exactly the target. This is the result of a *stable* sort (descending for magnitude,
+ascending for magnitude_outliers, as MergeKit's sorts run); MergeKit's own sorts are unstable, so on exact
+ties it may pick other entries (random float weights practically never tie; bf16 ones can).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+# l1 / l2 / linf: scale the kept entries so that the norm matches the unpruned one (MergeKit; l1 is its
+# only choice). inverse: divide by the keep probability, the classic DARE/DELLA 1/p rescaling.
+RESCALE_NORMS = ("l1", "l2", "linf", "inverse")
+_RESCALE_EPS = 1e-7  # MergeKit: below this norm (before or after) no rescaling
+
+
+def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1 <= k <= numel) of a non-negative float32 tensor, exactly, as a 0-d tensor.
+
+    Non-negative IEEE-754 floats order like their int32 bit patterns, so a radix select on the bits is
+    exact: count the top 16 bits, find the bucket holding the k-th largest, then resolve its low 16 bits.
+    """
+    bits = w.detach().reshape(-1).contiguous().view(torch.int32)
+    high = bits >> 16  # sign bit is 0: 0 <= high < 2**15
+    bucket, k = _select_bucket(torch.bincount(high, minlength=1 << 15), k)
+    low = bits[high == bucket] & 0xFFFF
+    sub, _ = _select_bucket(torch.bincount(low, minlength=1 << 16), k)
+    pattern = torch.tensor([(bucket << 16) | sub], dtype=torch.int32, device=w.device)
+    return pattern.view(torch.float32)[0]
+
+
+def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest element, and that element's rank inside the bucket."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #elements in buckets >= b
+    bucket = int((at_or_above >= k).nonzero()[-1])
+    return bucket, k - int(at_or_above[bucket] - counts[bucket])
+
+
+def rank_mask(w: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+    """Bool mask of the `count` largest (or smallest) entries of a non-negative float32 tensor; at equal
+    values the lower flat index wins, i.e. the first `count` positions of a stable sort."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+    if count <= 0 or count >= n:
+        return torch.full(w.shape, count > 0, dtype=torch.bool, device=w.device)
+    threshold = kth_largest(flat, count if largest else n - count + 1)
+    mask = flat > threshold if largest else flat < threshold
+    ties = flat == threshold
+    need = count - int(torch.count_nonzero(mask))  # count_nonzero: much faster than bool sum()
+    if need == int(torch.count_nonzero(ties)):
+        mask |= ties
+    else:
+        mask[ties.nonzero().squeeze(1)[:need]] = True
+    return mask.view(w.shape)
+
+
+def rescaled(tau: torch.Tensor, mask: torch.Tensor, norm: str | None,
+             keep_prob: float | torch.Tensor | None) -> torch.Tensor:
+    """tau * mask, rescaled: `norm` in RESCALE_NORMS or None; keep_prob (float or tensor) for 'inverse'."""
+    masked = tau * mask
+    if norm is None:
+        return masked
+    if norm == "inverse":
+        return masked.div_(keep_prob)
+    if norm == "l1":
+        before, after = tau.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = tau.norm(), masked.norm()
+    elif norm == "linf":
+        before, after = tau.abs().max(), masked.abs().max()
+    else:
+        raise ValueError(f"unknown rescale norm {norm!r}")
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked.mul_(before / after)
+
+
+def magnitude(tau: torch.Tensor, density: float, norm: str | None = None) -> torch.Tensor:
+    """TIES trim: keep the k = max(1, int(density * numel)) entries of largest |tau|."""
+    if density >= 1:
+        return tau
+    k = max(1, int(density * tau.numel()))
+    return rescaled(tau, rank_mask(tau.abs(), k), norm, density)
+
+
+def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, norm: str | None = None
+                       ) -> torch.Tensor:
+    """Breadcrumbs: in ascending |tau| order drop the n_bot smallest, keep the next int(density * numel),
+    and so drop the top int(gamma * numel) (fewer when density + gamma > 1, as MergeKit)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    w = tau.abs()
+    keep = rank_mask(w, n_bot + target, largest=False) & ~rank_mask(w, n_bot, largest=False)
+    return rescaled(tau, keep, norm, density)
+
+
+def bernoulli(tau: torch.Tensor, density: float, generator: torch.Generator, norm: str | None = None
+              ) -> torch.Tensor:
+    """DARE: keep each entry with probability density. The draw is
+    `torch.empty_like(tau).bernoulli_(density, generator=generator)`."""
+    if density >= 1:
+        return tau
+    mask = torch.empty_like(tau).bernoulli_(density, generator=generator)
+    return rescaled(tau, mask, norm, density)
+
+
+def della_magprune(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                   norm: str | None = None) -> torch.Tensor:
+    """DELLA MagPrune: per row (dim 1; a 1-D tensor is one row) rank |tau| ascending (stable), map rank r of
+    n to p = density - epsilon + 2 * epsilon * r / (n - 1), keep with probability p
+    (`torch.bernoulli(p, generator=generator)`). A one-column row gets p = density."""
+    if density >= 1:
+        return tau
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della: epsilon={epsilon} must keep density +/- epsilon in (0, 1), "
+                         f"density={density}")
+    rows = tau if tau.dim() >= 2 else tau.reshape(1, -1)
+    probs = _della_probs(rows, density, epsilon)
+    mask = torch.bernoulli(probs, generator=generator)
+    inverse = probs if norm == "inverse" else None
+    del probs
+    return rescaled(rows, mask, norm, inverse).reshape(tau.shape)
+
+
+def _della_probs(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    n = rows.shape[1]
+    if n == 1:
+        return torch.full_like(rows, density)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    positions = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
+    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # rank of each entry, 0-based
+    del order
+    # Same operation order as MergeKit: (density - eps) + rank_norm * 2 * eps.
+    return ranks.div_(n - 1).mul_(2).mul_(epsilon).add_(density - epsilon)
+
+
+def sparsify(tau: torch.Tensor, method: str, *, density: float, gamma: float = 0.0, epsilon: float = 0.0,
+             norm: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dispatch on MergeKit's sparsification method names. May return `tau` itself (density >= 1)."""
+    if method == "magnitude":
+        return magnitude(tau, density, norm)
+    if method == "magnitude_outliers":
+        return magnitude_outliers(tau, density, gamma, norm)
+    if method == "random":
+        return bernoulli(tau, density, _need(generator), norm)
+    if method == "della_magprune":
+        return della_magprune(tau, density, epsilon, _need(generator), norm)
+    raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFICATIONS)}")
+
+
+def _need(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        raise ValueError("random sparsification needs a generator (inputs.generator(i))")
+    return generator
