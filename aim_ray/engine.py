@@ -231,7 +231,9 @@ class CheckpointInputs:
         ckpt = self.job.base if index < 0 else self.job.experts[index]
         t = ckpt.read(self.name).to(torch.float32)
         if self.job.check_finite and index not in self._checked:
-            if not torch.isfinite(t).all():
+            # A NaN/Inf anywhere makes the sum non-finite; the sum is one fast reduction with no bool
+            # temporary. Only then is the exact elementwise check run (the sum may just have overflowed).
+            if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
                 ref = "base_model" if index < 0 else self.job.expert_refs[index]
                 raise CheckpointError(f"{ref}: tensor {self.name!r} contains NaN or Inf; pass "
                                       f"--allow-nonfinite to merge anyway")
