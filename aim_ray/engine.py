@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class MergeJob:
     check_finite: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
     notes: list[str] = field(default_factory=list)
+    # Precomputed float32 deltas (see `write_delta`): a Tune trial relaxes a cached delta instead of merging.
+    delta_source: Checkpoint | None = None
 
     @property
     def shards(self) -> list[list[OutputTensor]]:
@@ -229,7 +232,7 @@ class CheckpointInputs:
     def _read(self, index: int) -> torch.Tensor:
         """index -1 is the base, i >= 0 expert i. Float32, a fresh tensor."""
         ckpt = self.job.base if index < 0 else self.job.experts[index]
-        t = ckpt.read(self.name).to(torch.float32)
+        t = ckpt.read(self.name).to(torch.float32, copy=True)  # safetensors may hand out one shared tensor
         if self.job.check_finite and index not in self._checked:
             # A NaN/Inf anywhere makes the sum non-finite; the sum is one fast reduction with no bool
             # temporary. Only then is the exact elementwise check run (the sum may just have overflowed).
@@ -287,16 +290,45 @@ class CheckpointInputs:
         return total / count.clamp(min=1).view(-1, *[1] * (total.dim() - 1))
 
 
+def compute_delta(job: MergeJob, inputs: CheckpointInputs) -> torch.Tensor:
+    """delta_merged of one tensor in float32: from the cache when the job has one, else the method."""
+    if job.delta_source is not None:
+        return job.delta_source.read(inputs.name).to(torch.float32)
+    return job.method.fn(inputs, job.params)
+
+
 def merge_tensor(job: MergeJob, name: str, relax: RelaxFn | None = None) -> torch.Tensor:
     """Merge one tensor (and relax it with AIM when `relax` is given); returns it in the output dtype."""
     info = job.base.tensors[name]
     if not info.dtype.is_floating_point:
         return job.base.read(name).clone()  # integer buffers are copied from the base
     inputs = CheckpointInputs(job, name)
-    delta = job.method.fn(inputs, job.params)
+    delta = compute_delta(job, inputs)
     theta_pre = inputs.base()
     merged = relax(name, theta_pre, delta) if relax is not None else theta_pre.add_(delta)
-    return merged.to(job.out_dtype if info.dtype.is_floating_point else info.dtype)
+    return merged.to(job.out_dtype)
+
+
+def write_delta(job: MergeJob, out_dir: Path) -> Path:
+    """Write every float tensor's float32 delta_merged as a checkpoint directory (atomically), so many
+    relaxations (one per omega) share one merge. The directory opens with `Checkpoint.open`."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = [o.name for o in job.outputs if job.base.tensors[o.name].dtype.is_floating_point]
+    plan = [OutputTensor(o.name, o.shape, torch.float32) for o in job.outputs if o.name in set(names)]
+    writer = ShardWriter(tmp / "model.safetensors", plan, {"aim_ray_delta_of": job.fingerprint()})
+    try:
+        for out in plan:
+            writer.add(out.name, compute_delta(job, CheckpointInputs(job, out.name)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / "config.json").write_text(json.dumps(job.base.config))
+    os.replace(tmp, out_dir)
+    return out_dir
 
 
 # ------------------------------------------------------------------------------------------ shard writing
