@@ -163,15 +163,16 @@ class ServicePlan:
     bundle: Mapping[str, float]
 
     def describe(self) -> str:
-        """A printable table: one row per worker, sizes in GB (10^9 bytes)."""
+        """A printable table: one row per worker (sizes in decimal units)."""
         lines = [f"{len(self.workers)} worker(s), placement {self.placement}, one bundle each "
-                 f"{dict(self.bundle)}; {self.n_shards} output shard(s), {_gb(self.total_bytes)} GB in total",
-                 "| worker | blocks | owns | base GB | calib mem GB | shards | shard GB | merge mem GB |",
+                 f"{dict(self.bundle)}; {self.n_shards} output shard(s), {_gb(self.total_bytes)} in total",
+                 "| worker | blocks | owns | weights | calib memory | shards | shard size | merge memory |",
                  "|---|---|---|---|---|---|---|---|"]
         for w in self.workers:
             shards = f"{w.shards.start + 1}-{w.shards.stop}" if len(w.shards) else "-"
+            calib = _gb(w.calib_bytes) if w.calib_bytes else "-"
             lines.append(f"| {w.range.worker} | [{w.range.start}, {w.range.end}) | {w.range.describe()} | "
-                         f"{_gb(w.range.nbytes)} | {_gb(w.calib_bytes) if w.calib_bytes else '-'} | {shards} | {_gb(w.shard_bytes)} | "
+                         f"{_gb(w.range.nbytes)} | {calib} | {shards} | {_gb(w.shard_bytes)} | "
                          f"{_gb(w.merge_bytes)} |")
         idle = sum(1 for w in self.workers if not len(w.shards))
         if idle:
@@ -181,4 +182,7 @@ class ServicePlan:
 
 
 def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.3f}"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"

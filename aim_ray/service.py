@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def merge_from_config(cfg: MergeConfig, out: str | os.PathLike, *, seed: int = 0,
                       shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, resume: bool = False,
                       allow_pickle: bool = False, check_finite: bool = True, progress: bool = True,
-                      workers: int = 1, address: str | None = None, cluster: ClusterOptions | None = None) -> Path:
+                      workers: int = 1, address: str | None = None,
+                      cluster: ClusterOptions | None = None) -> Path:
     """Merge (and relax, if `cfg.aim`) into `out`. Every input is validated before anything is written.
 
     More than one worker (`workers`, or `cluster.workers`) runs the merge on Ray (`actors.distributed_merge`,

@@ -61,6 +61,7 @@ def write_synthetic_model(out: Path, config, shapes: dict, seed: int, base: dict
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}))
     config.torch_dtype = "bfloat16"
+    config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(out)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():

@@ -1,0 +1,1 @@
+"""`ray job submit --working-dir .` entrypoints: `python -m jobs.merge CONFIG --out DIR`."""

@@ -1,0 +1,319 @@
+"""The Ray merge service on a real local cluster: pipelined calibration, parallel merge, faults, resume.
+
+Every distributed output is compared byte for byte with the single-process merge (`engine.run_merge`). One
+local cluster (4 CPU slots, 2 fake GPUs) serves the module; the pools are module-scoped too because starting a
+worker costs a torch import. The multi-node test builds its own `ray.cluster_utils.Cluster` last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from aim_ray.actors import (
+    ClusterOptions,
+    WorkerPool,
+    distributed_merge,
+    layer_ranges,
+    pool_aim,
+    service_plan,
+    shard_assignment,
+)
+from aim_ray.calibration import collect_activation_scales
+from aim_ray.checkpoint import shard_filename
+from aim_ray.config import load_merge_config
+from aim_ray.engine import PROGRESS, MergeJob, prepare, run_merge
+from aim_ray.plan import assign_shards
+from aim_ray.service import aim_for_job
+from aim_ray.tiny import build_tiny_family
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need SlowRelax, not this file
+SHARD = 20_000  # bytes: ~20 shards for the tiny Llama, so every worker gets several
+CPU = 0.25  # fake CPU slots per worker: all module pools fit in the 4-slot cluster at once
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _pool(workers: int, **kw) -> WorkerPool:
+    return WorkerPool(ClusterOptions(workers=workers, cpus_per_worker=CPU, ready_timeout_s=60, **kw))
+
+
+@pytest.fixture(scope="module")
+def pools(local_ray):
+    made = {1: _pool(1, gpus_per_worker=0), 2: _pool(2), 4: _pool(4)}  # pool 2: auto -> one fake GPU each
+    yield made
+    for pool in made.values():
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """4-layer Llama (6 blocks), base + 3 experts."""
+    return build_tiny_family(tmp_path_factory.mktemp("dist"), "llama", n_experts=3, seed=5, num_layers=4)
+
+
+def _config(tmp: Path, base: Path, experts: list[Path], method: str = "dare_ties", aim: dict | None = None):
+    import yaml
+
+    data = {"merge_method": method, "base_model": str(base),
+            "models": [{"model": str(e), "parameters": {"weight": 0.6, "density": 0.5}} for e in experts]}
+    if aim:
+        data["aim"] = aim
+    path = tmp / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_merge_config(path)
+
+
+@pytest.fixture(scope="module")
+def job(family, tmp_path_factory) -> MergeJob:
+    base, experts = family
+    return prepare(_config(tmp_path_factory.mktemp("cfg"), base, experts), seed=7, shard_size=SHARD)
+
+
+@pytest.fixture(scope="module")
+def reference(job, tmp_path_factory) -> Path:
+    return run_merge(job, tmp_path_factory.mktemp("ref") / "out", progress=False)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Byte-identical files; the merge reports differ only in timings and service details."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "merge_report.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (a, b))
+    assert ra["shards"] == rb["shards"]
+
+
+class SlowRelax:
+    """`theta_pre + delta` (bit-identical to no relaxation), slowly: time to kill a worker mid-merge."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, name: str, theta_pre: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return theta_pre + delta
+
+
+def slow_aim(seconds: float):
+    return lambda pool: (SlowRelax(seconds), {}, {})
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def test_assign_shards_contiguous_balanced():
+    runs = assign_shards([5, 1, 1, 1, 1, 1, 5], 3)
+    assert [list(r) for r in runs] == [[0], [1, 2, 3, 4, 5], [6]]
+    assert [len(r) for r in assign_shards([1, 1], 4)] == [1, 1, 0, 0]  # more workers than shards
+
+
+def test_plan_covers_every_block_and_shard(job):
+    plan = service_plan(job, ClusterOptions(workers=4, gpus_per_worker=1))
+    assert [w.range.start for w in plan.workers] == [0, *[w.range.end for w in plan.workers[:-1]]]
+    assert plan.workers[-1].range.end == job.n_layers + 2
+    assert [i for w in plan.workers for i in w.shards] == list(range(len(job.shards)))
+    text = plan.describe()
+    assert "embed" in text and "head" in text and "'GPU': 1" in text
+
+
+# ----------------------------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_merge_byte_identical_for_any_k(k, pools, job, reference, tmp_path):
+    out = distributed_merge(job, tmp_path / "out", pools[k].options, pool=pools[k], progress=False)
+    assert_same_checkpoint(reference, out)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["service"]["workers"] == k
+    assert report["seed"] == 7
+
+
+def test_fake_gpu_bundles(pools):
+    """Pool 2 asked for GPUs automatically (2 fake GPUs, 2 workers): one distinct GPU per worker."""
+    pool = pools[2]
+    assert pool.bundle == {"CPU": CPU, "GPU": 1.0}
+    ids = [tuple(i["gpu_ids"]) for i in pool.info()]
+    assert all(len(g) == 1 for g in ids) and len(set(ids)) == 2
+    assert pools[4].bundle == {"CPU": CPU}  # 2 GPUs cannot serve 4 workers: CPU bundles
+
+
+def test_killed_worker_redoes_its_shards(pools, job, reference, tmp_path):
+    pool = pools[2]
+    runs = shard_assignment(job, 2)
+    killed: list[int] = []
+
+    def kill_other(index: int, digest: str, pid: int) -> None:
+        if not killed:  # after the first shard, kill the worker that did not write it, mid-run
+            victim = 1 if index in runs[0] else 0
+            killed.append(victim)
+            ray.kill(pool.actors[victim], no_restart=False)
+
+    before = {i["pid"] for i in pool.info()}
+    out = distributed_merge(job, tmp_path / "out", pool.options, pool=pool, aim=slow_aim(0.02),
+                            progress=False, on_done=kill_other)
+    assert_same_checkpoint(reference, out)
+    writers = set(json.loads((out / "merge_report.json").read_text())["service"]["writer_pids"].values())
+    assert writers - before, "a restarted worker should have written some shards"
+
+
+class DriverCrash(Exception):
+    pass
+
+
+def test_failed_run_resumes_from_verified_shards(pools, job, reference, tmp_path):
+    pool = pools[2]
+    out = tmp_path / "out"
+    seen: list[int] = []
+
+    def crash(index: int, digest: str, pid: int) -> None:
+        seen.append(index)
+        if len(seen) == 4:
+            raise DriverCrash  # the driver dies after 4 recorded shards
+
+    with pytest.raises(DriverCrash):
+        distributed_merge(job, out, pool.options, pool=pool, aim=slow_aim(0.01), progress=False,
+                          on_done=crash)
+    work = out.parent / f".{out.name}.aim-ray-partial"
+    assert not out.exists() and work.exists()  # nothing that looks like a finished checkpoint
+    recorded = sorted(int(i) for i in json.loads((work / PROGRESS).read_text())["shards"])
+    assert recorded == sorted(seen)
+    corrupt = work / shard_filename(recorded[0], len(job.shards))
+    corrupt.write_bytes(corrupt.read_bytes()[:-8] + b"corrupt!")  # fails its sha256: must be redone
+
+    resumed = distributed_merge(job, out, pool.options, pool=pool, resume=True, progress=False)
+    assert_same_checkpoint(reference, resumed)
+    report = json.loads((resumed / "merge_report.json").read_text())
+    rewritten = {int(i) for i in report["service"]["writer_pids"]}
+    assert rewritten == set(range(len(job.shards))) - set(recorded[1:])
+
+
+def test_user_error_in_worker_is_raised_as_itself(pools, family, tmp_path):
+    """A NaN in an expert (found by a worker) surfaces as the CheckpointError itself; nothing is left."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aim_ray.errors import CheckpointError
+
+    base, experts = family
+    bad = tmp_path / "bad_expert"
+    shutil.copytree(experts[0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.3.mlp.down_proj.weight"  # late in the plan: written by the last worker
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    job = prepare(_config(tmp_path, base, [bad, experts[1]], method="ties"), shard_size=SHARD)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="NaN"):
+        distributed_merge(job, out, pools[2].options, pool=pools[2], progress=False)
+    assert not out.exists() and not (tmp_path / ".out.aim-ray-partial").exists()
+
+
+def test_many_experts_on_four_workers(pools, tmp_path_factory):
+    """32 experts, ties, 4 workers: completes with the single-process bytes; worker memory stays small."""
+    base, experts = build_tiny_family(tmp_path_factory.mktemp("many"), "llama", n_experts=32, seed=9,
+                                      num_layers=2)
+    tmp = tmp_path_factory.mktemp("many_out")
+    job = prepare(_config(tmp, base, experts, method="ties"), shard_size=SHARD)
+    ref = run_merge(job, tmp / "ref", progress=False)
+    out = distributed_merge(job, tmp / "out", pools[4].options, pool=pools[4], progress=False)
+    assert_same_checkpoint(ref, out)
+    peak = ray.get([a.peak_rss_mb.remote() for a in pools[4].actors])
+    assert max(peak) < 2000, peak  # torch + transformers dominate; 32 memory-mapped experts add little
+
+
+# ----------------------------------------------------------------------------------------- calibration
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(f"sample {i}: the quick brown fox jumps over the lazy dog {i * 7}"
+                              for i in range(120)))
+    return path
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_pipeline_scales_equal_single_process(k, pools, job, family):
+    base = str(family[0])
+    blocks = torch.randint(0, 256, (7, 24), generator=torch.Generator().manual_seed(3))
+    expected = collect_activation_scales(base, blocks, None, micro_batch=2)  # the full model, one process
+    ranges = layer_ranges(job, k)
+    got = pools[k].calibrate(base, ranges, blocks, micro_batch=2, max_inflight=2)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_aim_merge_distributed_equals_single_process(pools, family, calib_text, tmp_path, monkeypatch):
+    base, experts = family
+    aim = {"omega": 0.4, "calibration": {"dataset": str(calib_text), "n_samples": 40, "block_size": 128,
+                                         "micro_batch": 2}}
+    cfg = _config(tmp_path, base, experts, method="ties", aim=aim)
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_single"))
+    single = prepare(cfg, shard_size=SHARD)
+    relax, metadata, report = aim_for_job(single)
+    ref = run_merge(single, tmp_path / "ref", relax=relax, metadata=metadata, report=report, progress=False)
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_ray"))  # no cache hit: the pipeline runs
+    dist = prepare(cfg, shard_size=SHARD)
+    out = distributed_merge(dist, tmp_path / "out", pools[2].options, pool=pools[2], aim=pool_aim(dist),
+                            progress=False)
+    assert_same_checkpoint(ref, out)
+    assert list((tmp_path / "cache_ray" / "scales").glob("*.safetensors"))
+    assert json.loads((out / "merge_report.json").read_text())["aim"]["omega"] == 0.4
+
+
+# ------------------------------------------------------------------------------------- multi-node fault
+
+
+def test_node_removed_mid_merge_completes(job, reference, tmp_path, pools):
+    """Head (driver only) + 2 worker nodes; SPREAD puts one worker on each. Removing one node mid-merge: its
+    bundle is rescheduled on the surviving node, the actor restarts there and redoes its unfinished shards."""
+    from ray.cluster_utils import Cluster
+
+    for pool in pools.values():  # this test needs its own cluster
+        pool.close()
+    pools.clear()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+    nodes = [cluster.add_node(num_cpus=2, resources={"merge": 2}) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        pool = WorkerPool(ClusterOptions(workers=2, cpus_per_worker=1, gpus_per_worker=0, placement="spread",
+                                         resources_per_worker={"merge": 1}, ready_timeout_s=60))
+        where = [i["node_id"] for i in pool.info()]
+        assert len(set(where)) == 2
+        runs = shard_assignment(job, 2)
+        removed: list[str] = []
+
+        def remove_other(index: int, digest: str, pid: int) -> None:
+            if not removed:
+                victim = where[1 if index in runs[0] else 0]
+                node = next(n for n in nodes if n.node_id == victim)
+                removed.append(victim)
+                cluster.remove_node(node)
+
+        out = distributed_merge(job, tmp_path / "out", pool.options, pool=pool, aim=slow_aim(0.02),
+                                progress=False, on_done=remove_other)
+        assert_same_checkpoint(reference, out)
+        assert {i["node_id"] for i in pool.info()} == set(where) - set(removed)
+        pool.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
