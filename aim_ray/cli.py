@@ -71,7 +71,8 @@ def main() -> None:
               help="GPUs in each worker's bundle [default: 1 if the cluster has one per worker, else 0].")
 @click.option("--placement", type=click.Choice(["pack", "spread"]), default="pack", show_default=True,
               help="Placement-group strategy for the workers.")
-@click.option("--dry-run", is_flag=True, help="Validate and print the plan (ranges, shards, memory); write nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate and print the plan (ranges, shards, memory per worker); write nothing.")
 @user_errors
 def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, resume: bool,
           allow_pickle: bool, allow_nonfinite: bool, quiet: bool, workers: int, address: str | None,
@@ -164,12 +165,64 @@ def relax(base: str, merged: str, scales_path: str | None, data: str, split: str
     click.echo(f"wrote {path}")
 
 
+@main.command("eval")
+@click.argument("model")
+@click.option("--suite", default="toy", show_default=True,
+              help="paper | toy | comma-separated lm-eval task names.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Examples per task (quick runs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--include-path", default=None, help="Extra lm-eval task YAML folder.")
+@click.option("--allow-code-execution", is_flag=True,
+              help="Run model-generated code (humaneval, mbpp). Only on a sandboxed machine.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the scores to this parquet table.")
+@user_errors
+def eval_cmd(model: str, suite: str, backend: str, limit: int | None, batch_size: int, tensor_parallel_size: int,
+             include_path: str | None, allow_code_execution: bool, results: Path | None) -> None:
+    """Score MODEL with lm-evaluation-harness (scores normalised to [0, 1])."""
+    from .evaluation import append_results, evaluate, resolve_suite, score_rows
+
+    tasks, include = resolve_suite(suite, include_path, allow_code_execution)
+    scores = evaluate(model, tasks, backend, limit=limit, batch_size=batch_size, include_path=include,
+                      allow_code_execution=allow_code_execution, tensor_parallel_size=tensor_parallel_size)
+    for task, metrics in scores.items():
+        click.echo(f"{task:24s} " + "  ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+    if results is not None:
+        append_results(results, score_rows(model, scores))
+        click.echo(f"appended to {results}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/tune"),
+              show_default=True, help="Ray Tune storage_path (trials, results.parquet, plots).")
+@click.option("--name", default="sweep", show_default=True, help="Experiment name under --storage.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted sweep without redoing finished trials.")
+@click.option("--overwrite", is_flag=True, help="Start the named sweep over (and replace --export-best).")
+@click.option("--export-best", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the best trial's model here.")
+@click.option("--keep-models", is_flag=True, help="Keep every trial's model (default: deleted once scored).")
+@click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS, else a local cluster].")
+@user_errors
+def tune(config: Path, storage: Path, name: str, resume: bool, overwrite: bool, export_best: Path | None,
+         keep_models: bool, address: str | None) -> None:
+    """Sweep omega x merge methods with Ray Tune; rank by HV Gain."""
+    from .config import load_tune_config
+    from .tune import print_summary, sweep
+
+    result = sweep(load_tune_config(config), storage, name=name, resume=resume, overwrite=overwrite,
+                   export_best=export_best, keep_models=keep_models, address=address, echo=click.echo)
+    print_summary(result, click.echo)
+
+
 @main.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              show_default=True, help="Where the demo writes its merged model.")
+              show_default=True, help="Where the demo writes its sweep, plots and best model (replaced).")
 @user_errors
 def demo(out: Path) -> None:
-    """Build tiny experts locally and merge them (the README's first command)."""
+    """Tiny world -> local Ray cluster -> calibrate -> 3 methods x 3 omegas sweep -> ranked table."""
     from .demo import run_demo
 
     run_demo(out)

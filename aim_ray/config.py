@@ -147,3 +147,77 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     if config.aim is not None and config.aim.scales is not None:
         update["aim"] = config.aim.model_copy(update={"scales": _resolve(config.aim.scales, root)})
     return config.model_copy(update=update)
+
+
+class EvalConfig(_Strict):
+    """How trials are scored (lm-evaluation-harness through long-lived evaluation actors)."""
+
+    suite: str = "toy"  # paper | toy | comma-separated lm-eval task names
+    backend: Literal["hf", "vllm"] = "hf"
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    allow_code_execution: bool = False
+    include_path: str | None = None  # extra lm-eval task YAMLs
+
+
+class TuneSweepConfig(_Strict):
+    """`aim-ray tune` config: a grid over merge methods (and their parameters) x omega.
+
+        base_model: ...
+        models: [{model: ..., parameters: {weight: 1.0, density: 0.5}}, ...]
+        methods: [ties, dare_ties, task_arithmetic]
+        method_grid: {density: [0.5, 0.7]}      # optional, applied to every expert
+        omegas: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+        calibration: {n_samples: 256, block_size: 512}
+        eval: {suite: paper, backend: vllm, num_gpus: 1}
+    """
+
+    base_model: str
+    models: list[ModelEntry] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    method_grid: dict[str, list[Any]] = Field(default_factory=dict)
+    omegas: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], min_length=1)
+    kind: Literal["activation", "sensitivity"] = "activation"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    scales: str | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tokenizer_source: str | None = None
+    out_dtype: str | None = None
+    seed: int = 0
+    search: Literal["grid", "optuna"] = "grid"
+    num_samples: int = Field(16, gt=0)  # optuna trials
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    expert_for_task: dict[str, str] | None = None  # task -> model, for normalised performance
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_list(cls, v: Any) -> Any:
+        return MergeConfig._models_list(v)
+
+    @field_validator("omegas")
+    @classmethod
+    def _omegas_in_range(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not 0.0 <= w <= 1.0]
+        if bad:
+            raise ValueError(f"every omega must be in [0, 1], got {bad}")
+        return sorted(set(v))
+
+    @field_validator("method_grid")
+    @classmethod
+    def _grid_lists(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"method_grid.{empty[0]} is empty")
+        return v
+
+
+def load_tune_config(path: str | Path) -> TuneSweepConfig:
+    path = Path(path)
+    config = parse_config(TuneSweepConfig, read_yaml(path), str(path))
+    models = [m.model_copy(update={"model": _resolve(m.model, path.parent)}) for m in config.models]
+    return config.model_copy(update={"models": models, "base_model": _resolve(config.base_model, path.parent),
+                                     "scales": _resolve(config.scales, path.parent)})

@@ -1,0 +1,369 @@
+"""Ray Tune sweeps over merge method x method parameters x omega, ranked by HV Gain.
+
+What makes a sweep cheap: the scales depend on neither the method nor omega, and a method's merged delta
+does not depend on omega. So the driver computes the scales once (cached by base content + calibration
+settings), each method variant's float32 delta once (cached, content-addressed), and the population scores
+(base + experts) once; each trial only relaxes the cached delta with its omega, writes the model, and
+scores it on a long-lived evaluation actor that the driver created and trials look up by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, cache_dir
+from .config import AimConfig, MergeConfig, ModelEntry, TuneSweepConfig
+from .errors import ConfigError
+from .methods import get_method
+
+EVAL_ACTOR = "aim-ray-eval"
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One merge method with one choice of grid parameters: one cached delta, many omegas."""
+
+    key: str
+    method: str
+    grid: tuple[tuple[str, Any], ...]
+
+    def label(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.grid)
+        return f"{self.method}({extra})" if extra else self.method
+
+
+def plan_variants(cfg: TuneSweepConfig) -> list[Variant]:
+    names = list(cfg.method_grid)
+    combos = list(itertools.product(*cfg.method_grid.values())) or [()]
+    variants = []
+    for method in cfg.methods:
+        get_method(method)
+        for combo in combos:
+            grid = tuple((k, v) for k, v in zip(names, combo) if get_method(method).param(k) is not None)
+            key = "-".join([method, *(f"{k}{v}" for k, v in grid)])
+            if key not in {v.key for v in variants}:
+                variants.append(Variant(key, method, grid))
+    _check_known_parameters(cfg)
+    return variants
+
+
+def _check_known_parameters(cfg: TuneSweepConfig) -> None:
+    """A parameter no method of the sweep knows is a typo, not something to drop silently."""
+    given = set(cfg.parameters) | set(cfg.method_grid) | {k for m in cfg.models for k in m.parameters}
+    for name in sorted(given):
+        if not any(get_method(m).param(name) is not None for m in cfg.methods):
+            raise ConfigError(f"parameter {name!r} is not used by any of the methods {cfg.methods}")
+
+
+def merge_config(cfg: TuneSweepConfig, variant: Variant, omega: float | None = None,
+                 scales: str | None = None) -> MergeConfig:
+    """The plain MergeConfig of one variant (parameters the method does not take are left out)."""
+    method = get_method(variant.method)
+
+    def keep(params: dict[str, Any], per_expert: bool) -> dict[str, Any]:
+        return {k: v for k, v in params.items() if (p := method.param(k)) is not None and p.per_expert == per_expert}
+
+    grid = dict(variant.grid)
+    models = [ModelEntry(model=m.model, parameters={**keep(m.parameters, True), **keep(grid, True)})
+              for m in cfg.models]
+    shared = {**keep(cfg.parameters, False), **keep(grid, False)}
+    aim = AimConfig(omega=omega, kind=cfg.kind, scales=scales) if omega is not None else None
+    return MergeConfig(merge_method=variant.method, base_model=cfg.base_model, models=models, parameters=shared,
+                       tokenizer_source=cfg.tokenizer_source, out_dtype=cfg.out_dtype, aim=aim)
+
+
+# ------------------------------------------------------------------------------------------- cached artifacts
+
+
+def delta_key(job) -> str:
+    payload = {"method": job.method.name, "params": [dict(p) for p in job.params.per_expert],
+               "shared": dict(job.params.shared), "seed": job.seed, "vocab": job.vocab_rows,
+               "inputs": [c.content_hash() for c in [job.base, *job.experts]]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached_delta(cfg: TuneSweepConfig, variant: Variant) -> tuple[Path, bool]:
+    """The variant's float32 delta checkpoint; returns (path, computed_now)."""
+    from .engine import prepare, write_delta
+
+    job = prepare(merge_config(cfg, variant), seed=cfg.seed)
+    path = cache_dir() / "deltas" / delta_key(job)
+    if (path / "model.safetensors").exists():
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_delta(job, path)
+    return path, True
+
+
+def cached_scales(cfg: TuneSweepConfig) -> tuple[Path, bool]:
+    """The scales artifact for the base + calibration settings; returns (path, computed_now)."""
+    from .calibration import cached_calibrate, calibration_settings
+    from .scales import Scales, cache_key, cache_path
+
+    if cfg.scales is not None:
+        s = Scales.load(cfg.scales)
+        s.validate(cfg.base_model)
+        return Path(cfg.scales), False
+    cal = cfg.calibration
+    ckpt = Checkpoint.open(cfg.base_model)
+    settings = calibration_settings(ckpt, cal.dataset, cal.n_samples, cal.block_size, cal.n_blocks, cal.split,
+                                    "float32")
+    path = cache_path(cache_key(ckpt.content_hash(), settings, cfg.kind))
+    computed = not path.exists()
+    cached_calibrate(ckpt, dataset=cal.dataset, n_samples=cal.n_samples, block_size=cal.block_size,
+                     n_blocks=cal.n_blocks, kind=cfg.kind, split=cal.split, micro_batch=cal.micro_batch)
+    return path, computed
+
+
+# ------------------------------------------------------------------------------------------------- trials
+
+
+def trial_model(cfg: TuneSweepConfig, variant: Variant, omega: float, delta: Path, scales: Path, out: Path,
+                overwrite: bool = True) -> Path:
+    """Relax the cached delta with `omega` and write the model (bit-identical to a one-pass merge + AIM)."""
+    from .engine import prepare, run_merge
+    from .service import aim_for_job
+
+    job = prepare(merge_config(cfg, variant, omega, str(scales)), seed=cfg.seed)
+    job.delta_source = Checkpoint.open(delta)
+    relax, metadata, report = aim_for_job(job)
+    return run_merge(job, out, overwrite=overwrite, relax=relax, metadata=metadata, report=report, progress=False)
+
+
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: relax, score on the shared evaluation actor, report every metric."""
+    import ray
+    from ray import tune
+
+    from .metrics import hv_gain, normalized_performance
+
+    cfg = TuneSweepConfig.model_validate(ctx["config"])
+    variant = next(v for v in plan_variants(cfg) if v.key == config["variant"])
+    omega = float(config["omega"])
+    out = Path(ctx["models_dir"]) / f"{variant.key}-omega{omega:.3f}"
+    started = time.time()
+    trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out)
+    actor = ray.get_actor(ctx["actor"], namespace=ctx["namespace"])
+    scores = ray.get(actor.score.remote(str(out)))
+    if not ctx["keep_models"]:
+        shutil.rmtree(out, ignore_errors=True)
+    tasks = ctx["tasks"]
+    point = [scores[t] for t in tasks]
+    population = [[row[t] for t in tasks] for row in ctx["population"].values()]
+    metrics = {f"score/{t}": scores[t] for t in tasks}
+    metrics.update(method=variant.method, variant=variant.label(), omega=omega,
+                   hv_gain=hv_gain(population, point),
+                   normalized_performance=normalized_performance(scores, ctx["expert_scores"]),
+                   seconds=time.time() - started)
+    tune.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def _scores_cache(model: str, eval_key: str) -> Path:
+    digest = hashlib.sha256(f"{Checkpoint.open(model).content_hash()}:{eval_key}".encode()).hexdigest()[:24]
+    return cache_dir() / "scores" / f"{digest}.json"
+
+
+def population_scores(cfg: TuneSweepConfig, actor, eval_key: str) -> dict[str, dict[str, float]]:
+    """Scores of the base and every expert, each evaluated once ever for this eval setup (cached)."""
+    import ray
+
+    out = {}
+    for model in [cfg.base_model, *[m.model for m in cfg.models]]:
+        file = _scores_cache(model, eval_key)
+        if file.exists():
+            out[model] = json.loads(file.read_text())
+            continue
+        out[model] = ray.get(actor.score.remote(model))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(out[model]))
+    return out
+
+
+def expert_scores(cfg: TuneSweepConfig, population: dict[str, dict[str, float]], tasks: list[str]
+                  ) -> dict[str, float]:
+    """The reference score per task for normalised performance: the model `expert_for_task` names (an expert,
+    or the base for a task no expert specialises in), else the best expert on that task."""
+    experts = [m.model for m in cfg.models]
+    if cfg.expert_for_task:
+        missing = [t for t in tasks if t not in cfg.expert_for_task]
+        if missing:
+            raise ConfigError(f"expert_for_task has no entry for task {missing[0]!r}")
+        return {t: population[cfg.expert_for_task[t]][t] for t in tasks}
+    return {t: max(population[e][t] for e in experts) for t in tasks}
+
+
+@dataclass
+class SweepResult:
+    table: Any  # pandas DataFrame, one row per trial, best first
+    results_path: Path
+    plots: list[Path]
+    computed: dict[str, int]
+    best: dict[str, Any]
+
+
+def param_space(cfg: TuneSweepConfig, variants: list[Variant]) -> dict[str, Any]:
+    from ray import tune
+
+    keys = [v.key for v in variants]
+    if cfg.search == "optuna":
+        return {"variant": tune.choice(keys), "omega": tune.choice(cfg.omegas)}
+    return {"variant": tune.grid_search(keys), "omega": tune.grid_search(cfg.omegas)}
+
+
+def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
+    from ray import tune
+
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # multi-objective: every benchmark score is maximised; Pareto-optimal trials are kept
+        searcher = OptunaSearch(metric=[f"score/{t}" for t in tasks], mode=["max"] * len(tasks), seed=cfg.seed)
+        return tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples,
+                               max_concurrent_trials=cfg.max_concurrent_trials)
+    return tune.TuneConfig(metric="hv_gain", mode="max", max_concurrent_trials=cfg.max_concurrent_trials)
+
+
+def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "sweep", resume: bool = False,
+              keep_models: bool = False, export_best: str | os.PathLike | None = None,
+              overwrite: bool = False, scorer_factory=None, echo=print) -> SweepResult:
+    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the named,
+    long-lived evaluation actor (defaults to `evaluation.EvalActor` configured by `cfg.eval`)."""
+    import ray
+    from ray import tune
+
+    from .metrics import normalized_performance
+
+    storage = Path(storage).expanduser().absolute()
+    experiment = storage / name
+    if experiment.exists() and not (resume or overwrite):
+        raise ConfigError(f"{experiment}: a sweep of that name exists; pass --resume to continue it or "
+                          f"--overwrite to start over")
+    if export_best is not None and Path(export_best).exists() and not overwrite:
+        raise ConfigError(f"--export-best {export_best}: already exists; pass --overwrite to replace it")
+    if overwrite and not resume and experiment.exists():
+        shutil.rmtree(experiment)
+    variants = plan_variants(cfg)
+    for v in variants:  # validate every merge before any long work
+        from .engine import prepare
+
+        prepare(merge_config(cfg, v), seed=cfg.seed)
+
+    echo(f"calibrating {cfg.base_model} ({cfg.kind} scales) ...")
+    scales, scales_computed = cached_scales(cfg)
+    deltas, merges = {}, 0
+    for v in variants:
+        echo(f"merged delta for {v.label()} ...")
+        path, computed = cached_delta(cfg, v)
+        deltas[v.key], merges = str(path), merges + computed
+    actor, tasks, eval_key = (scorer_factory or default_scorer)(cfg)
+    echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} (cached after the first run) ...")
+    population = population_scores(cfg, actor, eval_key)
+    ctx = {"config": cfg.model_dump(mode="json"), "deltas": deltas, "scales": str(scales),
+           "models_dir": str(experiment / "models"), "keep_models": keep_models, "actor": EVAL_ACTOR,
+           "namespace": ray.get_runtime_context().namespace, "tasks": tasks,
+           "population": population, "expert_scores": expert_scores(cfg, population, tasks)}
+    normalized_performance(ctx["expert_scores"], ctx["expert_scores"])  # zero references fail here, not in trials
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    tune.PlacementGroupFactory([{"CPU": 1}]))
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        echo(f"resuming {experiment}")
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(cfg, variants), tune_config=tune_config(cfg, tasks),
+                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1))
+    grid = tuner.fit()
+    table = results_table(grid)
+    results_path = experiment / "results.parquet"
+    table.to_parquet(results_path)
+    plots = draw_plots(table, population, tasks, experiment)
+    best = table.iloc[0].to_dict() if len(table) else {}
+    if export_best is not None and best:
+        v = next(v for v in variants if v.label() == best["variant"])
+        trial_model(cfg, v, float(best["omega"]), Path(deltas[v.key]), scales, Path(export_best), overwrite)
+    computed = {"calibrations": int(scales_computed), "merges": merges, "trials": len(table)}
+    return SweepResult(table, results_path, plots, computed, best)
+
+
+def results_table(grid):
+    """One row per finished trial, ranked by HV Gain (then normalised performance)."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        if result.error or not result.metrics:
+            continue
+        keep = {k: v for k, v in result.metrics.items() if k.startswith(("score/", "hv_gain", "normalized"))
+                or k in ("method", "variant", "omega", "seconds")}
+        rows.append({**keep, "trial_id": result.metrics.get("trial_id")})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(["hv_gain", "normalized_performance"], ascending=False, kind="stable")
+    return table.reset_index(drop=True)
+
+
+def draw_plots(table, population, tasks, out_dir: Path) -> list[Path]:
+    from . import plots
+
+    if not len(table):
+        return []
+    return [plots.hv_gain_vs_omega(table, out_dir / "hv_gain_vs_omega.png"),
+            plots.pareto_front(table, population, tasks, out_dir / "pareto.png")]
+
+
+def default_scorer(cfg: TuneSweepConfig):
+    """Create (or reuse) the named evaluation actor; returns (actor, task names, cache key)."""
+    from .evaluation import EvalActor, resolve_suite
+
+    tasks, include_path = resolve_suite(cfg.eval.suite, cfg.eval.include_path, cfg.eval.allow_code_execution)
+    quiet = {"env_vars": {"TQDM_DISABLE": "1"}}  # per-request bars would drown Tune's trial table
+    actor = EvalActor.options(name=EVAL_ACTOR, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
+                              num_gpus=cfg.eval.num_gpus, runtime_env=quiet).remote(
+        backend=cfg.eval.backend, tasks=tasks, include_path=include_path, limit=cfg.eval.limit,
+        batch_size=cfg.eval.batch_size, tensor_parallel_size=cfg.eval.tensor_parallel_size,
+        allow_code_execution=cfg.eval.allow_code_execution)
+    key = json.dumps({"tasks": tasks, "limit": cfg.eval.limit, "backend": cfg.eval.backend}, sort_keys=True)
+    return actor, tasks, key
+
+
+def sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, address: str | None = None, **kwargs: Any
+          ) -> SweepResult:
+    """`run_sweep` on a local Ray cluster (embedded default) or the one at `address` / RAY_ADDRESS."""
+    import ray
+
+    from .actors import ClusterOptions, connect
+
+    connected = connect(ClusterOptions(workers=1, address=address))
+    try:
+        return run_sweep(cfg, storage, **kwargs)
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def print_summary(result: SweepResult, echo=print, top: int = 20) -> None:
+    table = result.table
+    if not len(table):
+        echo("no trial finished")
+        return
+    scores = [c for c in table.columns if c.startswith("score/")]
+    cols = ["variant", "omega", "hv_gain", "normalized_performance", *scores]
+    echo("\nranked by HV Gain:\n" + table[cols].head(top).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    echo(f"\ncomputed this run: {result.computed['calibrations']} calibration(s), {result.computed['merges']} "
+         f"merge(s), {result.computed['trials']} trial(s)")
+    echo(f"results: {result.results_path}")
+    for p in result.plots:
+        echo(f"plot: {p}")
