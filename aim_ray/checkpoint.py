@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +318,8 @@ def sha256_file(file: Path, chunk: int = 2**24) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AIM_RAY_CACHE", Path.home() / ".cache" / "aim-ray"))
+    """The aim-ray cache root: `$AIM_RAY_CACHE`, default `~/.cache/aim-ray` (scales, deltas, scores, worlds)."""
+    return Path(os.environ.get("AIM_RAY_CACHE") or Path.home() / ".cache" / "aim-ray").expanduser()
 
 
 def _cached_files_hash(files: Sequence[Path]) -> str:
@@ -374,7 +377,11 @@ def shard_filename(index: int, count: int) -> str:
 
 
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor, in the planned order, hashing as it goes."""
+    """Writes one safetensors file tensor by tensor, in the planned order, hashing as it goes.
+
+    Writing and hashing run on a background thread (both release the GIL), so they overlap with merging the
+    next tensor; the queue holds at most two tensors, which keeps memory at O(1) tensors.
+    """
 
     def __init__(self, file: Path, tensors: Sequence[OutputTensor], metadata: dict[str, str] | None = None):
         self.file = file
@@ -390,35 +397,60 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors does
         self._f: BinaryIO = open(file, "wb")
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        self._error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._drain, name=f"write-{file.name}", daemon=True)
+        self._thread.start()
+        self._put(struct.pack("<Q", len(raw)) + raw)
 
-    def _write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._sha.update(data)
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    view = data if isinstance(data, bytes) else memoryview(data.numpy())
+                    self._f.write(view)
+                    self._sha.update(view)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = e
+
+    def _put(self, data: bytes | torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         want = self.expected[self._next]
         if name != want.name or tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
             raise RuntimeError(f"{self.file.name}: expected {want} next, got {name} {tuple(tensor.shape)} "
                                f"{tensor.dtype}")
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._write(memoryview(flat.numpy()))
+        self._put(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         self._next += 1
 
     @property
     def complete(self) -> bool:
         return self._next == len(self.expected)
 
+    def _finish_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self) -> str:
         """Flush, fsync and return the file's sha256."""
         if not self.complete:
+            self.abort()
             raise RuntimeError(f"{self.file.name}: closed after {self._next}/{len(self.expected)} tensors")
+        self._finish_thread()
+        if self._error is not None:
+            self._f.close()
+            raise self._error
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        self._finish_thread()
         self._f.close()
 
 

@@ -43,6 +43,19 @@ def parse_size(text: str) -> int:
     return value
 
 
+def threads_option(fn):
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Torch intra-op threads of this process. Merging is memory-bound: one thread is as fast on an idle "
+             "machine and far faster on a busy one (spinning OpenMP threads); scale with --workers instead.")(fn)
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aim-ray")
 def main() -> None:
@@ -73,14 +86,17 @@ def main() -> None:
               help="Placement-group strategy for the workers.")
 @click.option("--dry-run", is_flag=True,
               help="Validate and print the plan (ranges, shards, memory per worker); write nothing.")
+@threads_option
 @user_errors
 def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, resume: bool,
           allow_pickle: bool, allow_nonfinite: bool, quiet: bool, workers: int, address: str | None,
-          cpus_per_worker: float, gpus_per_worker: float | None, placement: str, dry_run: bool) -> None:
+          cpus_per_worker: float, gpus_per_worker: float | None, placement: str, dry_run: bool,
+          threads: int) -> None:
     """Merge the experts of a MergeKit-schema CONFIG (YAML), with AIM if it has an `aim:` section."""
     from .config import load_merge_config
     from .service import merge_from_config
 
+    set_threads(threads)
     cfg = load_merge_config(config)
     cluster = None
     if workers > 1 or dry_run:
@@ -150,13 +166,15 @@ def calibrate(base: str, out: Path, data: str, split: str, n_samples: int, block
 @click.option("--force", is_flag=True, help="Accept scales computed for another base model.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@threads_option
 @user_errors
 def relax(base: str, merged: str, scales_path: str | None, data: str, split: str, n_samples: int, block_size: int,
           n_blocks: int | None, micro_batch: int, kind: str, omega: float, out: Path, force: bool,
-          overwrite: bool, quiet: bool) -> None:
+          overwrite: bool, quiet: bool, threads: int) -> None:
     """Apply AIM to an existing merged checkpoint: theta = base + (1 - A(1 - omega)) (merged - base)."""
     from .service import relax_checkpoint
 
+    set_threads(threads)
     path = relax_checkpoint(base, merged, out, omega=omega, scales=scales_path, kind=kind, force=force,
                             calibration={"dataset": data, "split": split, "n_samples": n_samples,
                                          "block_size": block_size, "n_blocks": n_blocks,

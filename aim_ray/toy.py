@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 
 from aim_ray import toy_tasks
+from aim_ray.checkpoint import cache_dir
 from aim_ray.tiny import build_model, build_tokenizer, save_model, tiny_config
 
 WORLD_NAME = "toy-world-v1"
-CACHE_ENV = "AIM_RAY_CACHE"
+CACHE_ENV = "AIM_RAY_CACHE"  # the cache root (checkpoint.cache_dir)
 MANIFEST = "world.json"
 
 # The base learns only the easy half of each skill, so it scores about 50% on every skill task for structural
@@ -63,8 +64,7 @@ class ToyWorld:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "aim-ray"
-    return Path(root).expanduser() / WORLD_NAME
+    return cache_dir() / WORLD_NAME
 
 
 def build_toy_world(cache_dir: str | Path | None = None, force: bool = False) -> ToyWorld:
