@@ -4,7 +4,7 @@ What makes a sweep cheap: the scales depend on neither the method nor omega, and
 does not depend on omega. So the driver computes the scales once (cached by base content + calibration
 settings), each method variant's float32 delta once (cached, content-addressed), and the population scores
 (base + experts) once; each trial only relaxes the cached delta with its omega, writes the model, and
-scores it on a long-lived evaluation actor that the driver created and trials look up by name.
+scores it on a long-lived evaluation actor that the driver created (trials get its handle).
 """
 
 from __future__ import annotations
@@ -154,8 +154,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     out = Path(ctx["models_dir"]) / f"{variant.key}-omega{omega:.3f}"
     started = time.time()
     trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out)
-    actor = ray.get_actor(ctx["actor"], namespace=ctx["namespace"])
-    scores = ray.get(actor.score.remote(str(out)))
+    scores = ray.get(ctx["actor"].score.remote(str(out)))
     if not ctx["keep_models"]:
         shutil.rmtree(out, ignore_errors=True)
     tasks = ctx["tasks"]
@@ -240,9 +239,9 @@ def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
 def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "sweep", resume: bool = False,
               keep_models: bool = False, export_best: str | os.PathLike | None = None,
               overwrite: bool = False, scorer_factory=None, echo=print) -> SweepResult:
-    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the named,
-    long-lived evaluation actor (defaults to `evaluation.EvalActor` configured by `cfg.eval`)."""
-    import ray
+    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the long-lived
+    evaluation actor, the task names and the scores-cache key (default: `default_scorer`, an
+    `evaluation.EvalActor` configured by `cfg.eval`); trials get the actor's handle."""
     from ray import tune
 
     from .metrics import normalized_performance
@@ -273,8 +272,7 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
     echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} (cached after the first run) ...")
     population = population_scores(cfg, actor, eval_key)
     ctx = {"config": cfg.model_dump(mode="json"), "deltas": deltas, "scales": str(scales),
-           "models_dir": str(experiment / "models"), "keep_models": keep_models, "actor": EVAL_ACTOR,
-           "namespace": ray.get_runtime_context().namespace, "tasks": tasks,
+           "models_dir": str(experiment / "models"), "keep_models": keep_models, "actor": actor, "tasks": tasks,
            "population": population, "expert_scores": expert_scores(cfg, population, tasks)}
     normalized_performance(ctx["expert_scores"], ctx["expert_scores"])  # zero references fail here, not in trials
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
@@ -289,6 +287,7 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
     table = results_table(grid)
     results_path = experiment / "results.parquet"
     table.to_parquet(results_path)
+    (experiment / "population.json").write_text(json.dumps(population, indent=1))  # for notebooks/analysis
     plots = draw_plots(table, population, tasks, experiment)
     best = table.iloc[0].to_dict() if len(table) else {}
     if export_best is not None and best:
@@ -320,23 +319,37 @@ def draw_plots(table, population, tasks, out_dir: Path) -> list[Path]:
 
     if not len(table):
         return []
+    # label the population by folder name (the full paths of the base and experts do not fit a legend)
+    short = {(Path(m).name or m): scores for m, scores in population.items()}
     return [plots.hv_gain_vs_omega(table, out_dir / "hv_gain_vs_omega.png"),
-            plots.pareto_front(table, population, tasks, out_dir / "pareto.png")]
+            plots.pareto_front(table, short if len(short) == len(population) else population, tasks,
+                               out_dir / "pareto.png")]
 
 
 def default_scorer(cfg: TuneSweepConfig):
     """Create (or reuse) the named evaluation actor; returns (actor, task names, cache key)."""
+    import ray
+
     from .evaluation import EvalActor, resolve_suite
 
     tasks, include_path = resolve_suite(cfg.eval.suite, cfg.eval.include_path, cfg.eval.allow_code_execution)
+    key = json.dumps({"tasks": tasks, "limit": cfg.eval.limit, "backend": cfg.eval.backend}, sort_keys=True)
+    name = eval_actor_name(json.dumps([cfg.eval.model_dump(mode="json"), tasks, include_path], sort_keys=True))
+    for other in ray.util.list_named_actors():  # an earlier sweep's actor, set up for other tasks or limit:
+        if other.startswith(EVAL_ACTOR) and other != name:  # reusing it would score (and cache) the wrong
+            ray.kill(ray.get_actor(other))  # thing; keeping it would hold the resources trials need
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}  # per-request bars would drown Tune's trial table
-    actor = EvalActor.options(name=EVAL_ACTOR, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
+    actor = EvalActor.options(name=name, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
                               num_gpus=cfg.eval.num_gpus, runtime_env=quiet).remote(
         backend=cfg.eval.backend, tasks=tasks, include_path=include_path, limit=cfg.eval.limit,
         batch_size=cfg.eval.batch_size, tensor_parallel_size=cfg.eval.tensor_parallel_size,
         allow_code_execution=cfg.eval.allow_code_execution)
-    key = json.dumps({"tasks": tasks, "limit": cfg.eval.limit, "backend": cfg.eval.backend}, sort_keys=True)
     return actor, tasks, key
+
+
+def eval_actor_name(setup: str) -> str:
+    """One named evaluation actor per evaluation setup (the eval config and the resolved tasks)."""
+    return f"{EVAL_ACTOR}-{hashlib.sha256(setup.encode()).hexdigest()[:12]}"
 
 
 def sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, address: str | None = None, **kwargs: Any

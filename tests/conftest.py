@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real checkpoints (built once per session) and a config writer."""
+"""Shared fixtures: tiny real checkpoints and the tiny world (built once per session) and a config writer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
+from aim_ray import toy
 from aim_ray.tiny import build_tiny_family
+from aim_ray.toy import build_toy_world
 
 torch.set_num_threads(1)  # 2-core CI machine; keep test timings predictable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +25,14 @@ def _isolated_cache(tmp_path_factory):
     if "AIM_RAY_CACHE" not in os.environ:
         os.environ["AIM_RAY_CACHE"] = str(tmp_path_factory.mktemp("aim-ray-cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def toy_world(_isolated_cache, tmp_path_factory) -> toy.ToyWorld:
+    """The tiny world (base + 3 experts with real skills, lm-eval tasks): built once per session under the
+    session's cache (about 80 s on one core), or reused from `$AIM_RAY_CACHE` when that is set."""
+    cache = None if os.environ.get(toy.CACHE_ENV) else tmp_path_factory.getbasetemp() / "cache" / toy.WORLD_NAME
+    return build_toy_world(cache)
 
 
 @pytest.fixture(scope="session")

@@ -29,15 +29,8 @@ from aim_ray.evaluation import (
     resolve_suite,
     score_rows,
 )
-from aim_ray.toy import build_toy_world
 
 LIMIT = 50
-
-
-@pytest.fixture(scope="session")
-def toy_world(tmp_path_factory):
-    cache = None if os.environ.get(toy.CACHE_ENV) else tmp_path_factory.getbasetemp() / "cache" / toy.WORLD_NAME
-    return build_toy_world(cache)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ The world is built once per session under the session tmp dir, or reused from `$
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,12 +17,6 @@ from aim_ray.evaluation import evaluate
 from aim_ray.toy import build_toy_world
 
 LIMIT = 100  # the first docs alternate easy and hard examples, so a limit keeps the mix
-
-
-@pytest.fixture(scope="session")
-def toy_world(tmp_path_factory):
-    cache = None if os.environ.get(toy.CACHE_ENV) else tmp_path_factory.getbasetemp() / "cache" / toy.WORLD_NAME
-    return build_toy_world(cache)
 
 
 @pytest.fixture(scope="session")

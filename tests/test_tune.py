@@ -1,0 +1,287 @@
+"""Ray Tune sweeps on a real local Ray cluster with the tiny world (hf backend, CPU).
+
+One Ray cluster and one fresh artifact cache for the module, so what a first sweep computes is known: the
+scales once, one delta per method, the base and the experts scored once; every later sweep of the same config
+reuses all three. Also: resuming a sweep whose trials crashed, bad input, the CLI help, and the analysis
+notebook executed on a sweep's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import ray
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aim_ray import toy, tune
+from aim_ray.cli import main as cli
+from aim_ray.config import TuneSweepConfig, load_tune_config
+from aim_ray.demo import demo_config
+from aim_ray.engine import prepare
+from aim_ray.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"
+LIMIT = 20  # examples per task: a trial scores in about a second
+METHODS = ["task_arithmetic", "ties"]
+OMEGAS = [0.4, 1.0]
+
+
+@pytest.fixture(scope="module")
+def cluster(toy_world, tmp_path_factory):
+    """A local Ray cluster and an empty artifact cache (scales, deltas, scores) for this module only."""
+    before = os.environ.get(toy.CACHE_ENV)
+    os.environ[toy.CACHE_ENV] = str(tmp_path_factory.mktemp("tune-cache"))  # before ray.init: workers inherit
+    ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 2}), include_dashboard=False)
+    yield Path(os.environ[toy.CACHE_ENV])
+    ray.shutdown()
+    if before is None:
+        os.environ.pop(toy.CACHE_ENV, None)
+    else:
+        os.environ[toy.CACHE_ENV] = before
+
+
+def config(world, **changes) -> TuneSweepConfig:
+    """The demo's config, smaller: 2 methods x 2 omegas, few calibration blocks, LIMIT examples per task."""
+    data = demo_config(world, METHODS, OMEGAS).model_dump(mode="json")
+    data["calibration"].update(n_samples=64, block_size=32)
+    data["eval"].update(limit=LIMIT, include_path=str(world.tasks_dir))  # not the default world's tasks
+    return TuneSweepConfig.model_validate({**data, **changes})
+
+
+def eval_actor():
+    names = [n for n in ray.util.list_named_actors() if n.startswith(tune.EVAL_ACTOR)]
+    assert len(names) == 1, names  # every sweep of this module shares one evaluation setup, so one actor
+    return ray.get_actor(names[0])
+
+
+def evaluated() -> list[str]:
+    """Every model directory the shared evaluation actor has scored, in order (the spy on evaluations)."""
+    return ray.get(eval_actor().info.remote())["evaluated"]
+
+
+def population(world) -> list[str]:
+    return [str(world.base), *[str(p) for p in world.experts.values()]]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def cached_delta_path(cfg: TuneSweepConfig, variant: tune.Variant) -> Path:
+    """Where the sweep caches the variant's delta (computed by the first sweep)."""
+    return tune.cache_dir() / "deltas" / tune.delta_key(prepare(tune.merge_config(cfg, variant), seed=cfg.seed))
+
+
+def one_pass_merge(cfg: TuneSweepConfig, method: str, omega: float, scales: Path, out: Path) -> Path:
+    """`aim-ray merge` of a MergeKit-schema YAML with an aim section: merge and relax in one pass."""
+    merge = {"merge_method": method, "base_model": cfg.base_model,
+             "models": [{"model": m.model, "parameters": dict(m.parameters)} for m in cfg.models],
+             "parameters": dict(cfg.parameters), "aim": {"omega": omega, "scales": str(scales)}}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(merge))
+    run = CliRunner().invoke(cli, ["merge", str(path), "--out", str(out), "--quiet"])
+    assert run.exit_code == 0, run.output
+    return out
+
+
+def assert_same_tensors(got: Path, want: Path) -> dict[str, torch.Tensor]:
+    a, b = tensors(got), tensors(want)
+    assert a.keys() == b.keys() and len(a) > 10
+    for name, t in b.items():
+        assert a[name].dtype == t.dtype and torch.equal(a[name], t), name
+    assert (got / "config.json").is_file() and (got / "tokenizer.json").is_file()
+    return a
+
+
+def tree(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def first(cluster, toy_world, tmp_path_factory):
+    """The first sweep of the module (nothing cached yet), exporting its best model."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    cfg = config(toy_world)
+    result = tune.sweep(cfg, storage, name="first", export_best=storage / "best", echo=lambda *_: None)
+    return cfg, storage, result, list(evaluated())
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+def test_small_sweep_ranks_every_trial_and_exports_the_best(first, toy_world, tmp_path):
+    cfg, storage, result, _ = first
+    table = result.table
+    tasks = toy_world.task_names
+    assert len(table) == len(METHODS) * len(OMEGAS)  # one row per trial
+    assert sorted(zip(table["method"], table["omega"])) == sorted((m, w) for m in METHODS for w in OMEGAS)
+    assert table["trial_id"].is_unique
+    ranked = table.sort_values(["hv_gain", "normalized_performance"], ascending=False, kind="stable")
+    assert table.equals(ranked.reset_index(drop=True))  # best first
+    assert (table["hv_gain"].diff().dropna() <= 0).all()
+    scores = table[[f"score/{t}" for t in tasks]].to_numpy()
+    assert ((scores >= 0) & (scores <= 1)).all() and (table["hv_gain"] >= 0).all()
+    assert result.results_path == storage / "first" / "results.parquet"
+    assert pd.read_parquet(result.results_path).equals(table)
+    assert sorted(p.name for p in result.plots) == ["hv_gain_vs_omega.png", "pareto.png"]
+    assert all(p.is_file() and p.stat().st_size > 10_000 for p in result.plots)
+    saved = json.loads((storage / "first" / "population.json").read_text())
+    assert sorted(saved) == sorted(population(toy_world)) and all(set(s) == set(tasks) for s in saved.values())
+    assert result.best == table.iloc[0].to_dict()
+    assert not list((storage / "first" / "models").iterdir())  # trial models are deleted once scored
+
+    # --export-best == a one-pass `aim-ray merge` (merge + AIM) of the best trial, with the cached scales:
+    # relaxing the cached float32 delta gives the very same bits
+    scales, computed = tune.cached_scales(cfg)
+    assert not computed
+    method, omega = result.best["method"], float(result.best["omega"])
+    assert_same_tensors(storage / "best", one_pass_merge(cfg, method, omega, scales, tmp_path / "one-pass"))
+    # and whichever trial won: a relaxed TIES trial model (omega < 1, so AIM changes the weights) too
+    ties = next(v for v in tune.plan_variants(cfg) if v.method == "ties")
+    trial = tune.trial_model(cfg, ties, 0.4, cached_delta_path(cfg, ties), scales, tmp_path / "trial")
+    relaxed = assert_same_tensors(trial, one_pass_merge(cfg, "ties", 0.4, scales, tmp_path / "ties-0.4"))
+    plain = tensors(one_pass_merge(cfg, "ties", 1.0, scales, tmp_path / "ties-1.0"))
+    assert any(not torch.equal(t, plain[n]) for n, t in relaxed.items())
+
+
+def test_second_sweep_recomputes_nothing_and_scores_the_population_once(first, toy_world, cluster):
+    cfg, storage, result, seen = first
+    assert result.computed == {"calibrations": 1, "merges": len(METHODS), "trials": len(METHODS) * len(OMEGAS)}
+    trials, n_pop = len(METHODS) * len(OMEGAS), len(population(toy_world))
+    assert sorted(seen[:n_pop]) == sorted(population(toy_world))  # scored first, once each
+    assert len(seen) == n_pop + trials
+    assert len(list((cluster / "scores").glob("*.json"))) == n_pop
+    assert len(list((cluster / "deltas").iterdir())) == len(METHODS)
+
+    again = tune.sweep(cfg, storage, name="second", echo=lambda *_: None)
+    assert again.computed == {"calibrations": 0, "merges": 0, "trials": trials}
+    now = evaluated()
+    assert all(now.count(m) == 1 for m in population(toy_world))  # base and experts: evaluated once, ever
+    assert len(now) == len(seen) + trials  # the second sweep only scored its own trials
+    assert all(str(storage / "second" / "models") in m for m in now[len(seen):])
+    assert len(list((cluster / "scores").glob("*.json"))) == n_pop
+    # same trials, same models, same scores (the hf backend is deterministic on CPU)
+    key = ["variant", "omega"]
+    cols = [c for c in result.table.columns if c.startswith("score/") or c in ("hv_gain", *key)]
+    assert again.table[cols].sort_values(key).reset_index(drop=True).equals(
+        result.table[cols].sort_values(key).reset_index(drop=True))
+
+
+def test_resume_reruns_only_the_trials_that_did_not_finish(first, toy_world):
+    cfg, storage, _, _ = first
+    ties_delta = cached_delta_path(cfg, next(v for v in tune.plan_variants(cfg) if v.method == "ties"))
+    assert (ties_delta / "model.safetensors").is_file()
+
+    def crashing_scorer(c):
+        # runs after the driver prepared the deltas and before any trial: the ties trials then crash on a missing
+        # delta, like trials of a sweep killed half-way (what Tune records for them is an error, not a result)
+        shutil.rmtree(ties_delta)
+        return tune.default_scorer(c)
+
+    before = len(evaluated())
+    broken = tune.sweep(cfg, storage, name="interrupted", keep_models=True, scorer_factory=crashing_scorer,
+                        echo=lambda *_: None)
+    assert sorted(broken.table["method"]) == ["task_arithmetic"] * len(OMEGAS)  # the ties trials errored
+    done = broken.table.set_index("trial_id")
+    assert len(evaluated()) == before + len(OMEGAS)
+
+    with pytest.raises(ConfigError, match="--resume"):  # rerunning the name needs --resume (or --overwrite)
+        tune.sweep(cfg, storage, name="interrupted", echo=lambda *_: None)
+
+    resumed = tune.sweep(cfg, storage, name="interrupted", resume=True, keep_models=True, echo=lambda *_: None)
+    assert resumed.computed == {"calibrations": 0, "merges": 1, "trials": len(METHODS) * len(OMEGAS)}
+    rerun = evaluated()[before + len(OMEGAS):]
+    assert len(rerun) == len(OMEGAS) and all(Path(m).name.startswith("ties-omega") for m in rerun)
+    table = resumed.table.set_index("trial_id")
+    assert sorted(table["method"]) == sorted(m for m in METHODS for _ in OMEGAS)
+    assert done.index.isin(table.index).all()  # the finished trials are the same Tune trials ...
+    pd.testing.assert_frame_equal(table.loc[done.index], done)  # ... with their first results (not redone)
+    models = sorted(p.name for p in (storage / "interrupted" / "models").iterdir())
+    assert models == sorted(f"{v.key}-omega{w:.3f}" for v in tune.plan_variants(cfg) for w in OMEGAS)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_fails_before_anything_is_written(first, toy_world, tmp_path):
+    cfg, storage, _, _ = first
+    fresh = tmp_path / "storage"
+    cases = [
+        (config(toy_world, methods=["ties", "tiez"]), "merge_method 'tiez' is unknown; known methods: "),
+        (config(toy_world, parameters={"normalize": False, "densty": 0.3}),
+         r"parameter 'densty' is not used by any of the methods \['task_arithmetic', 'ties'\]"),
+        (config(toy_world, method_grid={"lambda": [0.5], "epsilon": [0.1]}),
+         r"parameter 'epsilon' is not used by any of the methods"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            tune.run_sweep(bad, fresh)
+    assert not fresh.exists()
+
+    data = config(toy_world).model_dump(mode="json")
+    path = tmp_path / "omega.yaml"
+    path.write_text(yaml.safe_dump({**data, "omegas": [0.2, 1.5]}))
+    with pytest.raises(ConfigError, match=r"omegas: .*every omega must be in \[0, 1\], got \[1.5\]"):
+        load_tune_config(path)
+    run = CliRunner().invoke(cli, ["tune", str(path), "--storage", str(fresh)])
+    assert run.exit_code == 2 and "every omega must be in [0, 1]" in run.output and "Traceback" not in run.output
+
+    path.write_text(yaml.safe_dump({**data, "methods": ["nope"]}))
+    run = CliRunner().invoke(cli, ["tune", str(path), "--storage", str(fresh)])
+    assert run.exit_code == 2 and "merge_method 'nope' is unknown" in run.output
+    assert not fresh.exists()
+
+    existing = tree(storage / "first")
+    with pytest.raises(ConfigError, match=r"a sweep of that name exists; pass --resume to continue it or "
+                                          r"--overwrite to start over"):
+        tune.run_sweep(cfg, storage, name="first")
+    with pytest.raises(ConfigError, match=r"--export-best .*: already exists; pass --overwrite"):
+        tune.run_sweep(cfg, storage, name="new", export_best=storage / "best")
+    assert tree(storage / "first") == existing and not (storage / "new").exists()
+
+
+def test_cli_help():
+    runner = CliRunner()
+    demo = runner.invoke(cli, ["demo", "--help"])
+    assert demo.exit_code == 0 and "--out" in demo.output and "Ray cluster" in demo.output
+    sweep = runner.invoke(cli, ["tune", "--help"])
+    assert sweep.exit_code == 0
+    for option in ("--storage", "--name", "--resume", "--overwrite", "--export-best", "--keep-models", "--address"):
+        assert option in sweep.output
+    assert "HV Gain" in sweep.output
+
+
+# ------------------------------------------------------------------------------------------------ notebook
+
+
+def test_analysis_notebook_runs_on_a_sweep(first, monkeypatch):
+    _, storage, result, _ = first
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)  # saved without outputs
+    assert "runs/demo/demo/results.parquet" in code[0].source
+    monkeypatch.setenv("AIM_RAY_RESULTS", str(result.results_path))
+    namespace: dict = {"__name__": "__main__"}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        for i, cell in enumerate(code):
+            exec(compile(cell.source, f"{NOTEBOOK.name}[{i}]", "exec"), namespace)
+    figures = storage / "first" / "analysis"
+    assert sorted(p.name for p in figures.iterdir()) == ["hv_gain_vs_omega.png", "pareto.png"]
+    assert namespace["ranked"]["trial_id"].tolist() == result.table["trial_id"].tolist()
+    assert f"HV Gain recomputed for {len(result.table)} trials" in out.getvalue()
