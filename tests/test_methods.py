@@ -72,11 +72,11 @@ def ref_sparsify(tau, how, density, gamma, epsilon, norm, generator):
         mask[torch.argsort(flat, stable=True)[n_bot:n_bot + target]] = 1
         return ref_rescale(tau, mask.view(tau.shape), norm, density)
     if how == "random":
-        return ref_rescale(tau, torch.empty_like(tau).bernoulli_(density, generator=generator), norm, density)
+        return ref_rescale(tau, torch.rand(tau.shape, generator=generator) < density, norm, density)
     rows = tau if tau.dim() >= 2 else tau.reshape(1, -1)  # della_magprune
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
     probs = (density - epsilon) + ranks / (rows.shape[1] - 1) * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = torch.rand(probs.shape, generator=generator) < probs
     return ref_rescale(rows, mask, norm, probs).reshape(tau.shape)
 
 
