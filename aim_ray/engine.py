@@ -8,6 +8,8 @@ depends only on the tensor list and the shard size, never on the number of worke
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import platform
@@ -338,6 +340,23 @@ def shard_metadata(job: MergeJob, extra: dict[str, str] | None = None) -> dict[s
     return {"aim_ray_version": __version__, "merge_method": job.method.name, **(extra or {})}
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to do
+
+
+def release_free_heap() -> None:
+    """Hand the heap pages freed by the last tensor back to the OS (glibc `malloc_trim`). Without it the
+    many differently sized float32 buffers of a merge fragment the heap, and peak RSS crept up with the number
+    of experts (+22% from 2 to 16) although the live buffers do not."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None = None,
                 metadata: dict[str, str] | None = None, on_tensor: Callable[[str], None] | None = None) -> str:
     """Write shard `index` of the plan into work_dir (via a .tmp file renamed when complete); return sha256."""
@@ -348,6 +367,7 @@ def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None
     try:
         for out in shards[index]:
             writer.add(out.name, merge_tensor(job, out.name, relax))
+            release_free_heap()
             if on_tensor is not None:
                 on_tensor(out.name)
         digest = writer.close()
