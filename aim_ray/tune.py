@@ -256,9 +256,9 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
     if overwrite and not resume and experiment.exists():
         shutil.rmtree(experiment)
     variants = plan_variants(cfg)
-    for v in variants:  # validate every merge before any long work
-        from .engine import prepare
+    from .engine import prepare
 
+    for v in variants:  # validate every merge before any long work
         prepare(merge_config(cfg, v), seed=cfg.seed)
 
     echo(f"calibrating {cfg.base_model} ({cfg.kind} scales) ...")
