@@ -47,11 +47,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .calibration import (
     StageRunner,
-    calibration_settings,
-    dataset_fingerprint,
     iter_micro_batches,
     load_calibration_blocks,
     load_tokenizer,
+    scales_artifact,
+    scales_cache_path,
 )
 from .checkpoint import DEFAULT_SHARD_SIZE, OutputDir, shard_filename
 from .config import CalibrationConfig, MergeConfig
@@ -66,7 +66,7 @@ from .plan import (
     merge_memory,
     plan_ranges,
 )
-from .scales import Scales, cache_key, cache_path
+from .scales import Scales
 
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
@@ -503,19 +503,16 @@ def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: Calibration
     `calibration.cached_calibrate` (same key), so one calibration serves single-process runs too."""
     c = calibration
     base = job.base
-    settings = calibration_settings(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype)
-    path = cache_path(cache_key(base.content_hash(), settings, "activation"), cache_root)
+    path = scales_cache_path(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype, "activation",
+                             cache_root)
     if path.exists() and not refresh:
         return Scales.load(path)
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
     ranges = layer_ranges(job, len(pool.actors))
     tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype)
-    extra = {"split": c.split, "dataset_fingerprint": dataset_fingerprint(str(c.dataset), c.split)}
-    scales = Scales(tensors=tensors, kind="activation", base_model=base.source,
-                    content_hash=base.content_hash(), dataset=str(c.dataset), n_samples=c.n_samples,
-                    block_size=c.block_size, n_blocks=blocks.shape[0], dtype=dtype, n_tokens=blocks.numel(),
-                    extra=extra)
+    scales = scales_artifact(base, tensors, "activation", c.dataset, c.n_samples, c.block_size, blocks, c.split,
+                             dtype)
     scales.save(path)
     return scales
 

@@ -435,6 +435,12 @@ def calibrate(base: str | os.PathLike | Checkpoint, dataset: str = DEFAULT_DATAS
         tensors = collect_sensitivity_scales(ckpt, blocks, dtype, device)
     else:
         raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
+    return scales_artifact(ckpt, tensors, kind, dataset, n_samples, block_size, blocks, split, dtype)
+
+
+def scales_artifact(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], kind: str, dataset: str, n_samples: int,
+                    block_size: int, blocks: torch.Tensor, split: str, dtype: torch.dtype | str) -> Scales:
+    """The artifact of scales computed on `blocks` (in process or by the Ray pipeline), with its metadata."""
     return Scales(tensors=tensors, kind=kind, base_model=ckpt.source, content_hash=ckpt.content_hash(),
                   dataset=str(dataset), n_samples=n_samples, block_size=block_size, n_blocks=blocks.shape[0],
                   dtype=str(parse_dtype(dtype)).removeprefix("torch."), n_tokens=blocks.numel(),
@@ -457,6 +463,14 @@ def _tokenizer_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def scales_cache_path(ckpt: Checkpoint, dataset: str, n_samples: int, block_size: int, n_blocks: int | None,
+                      split: str, dtype: torch.dtype | str, kind: str,
+                      cache_root: str | os.PathLike | None = None) -> Path:
+    """Where the scales of this base + calibration settings + kind are cached (one key for every path)."""
+    settings = calibration_settings(ckpt, dataset, n_samples, block_size, n_blocks, split, dtype)
+    return cache_path(cache_key(ckpt.content_hash(), settings, kind), cache_root)
+
+
 def cached_calibrate(base: str | os.PathLike | Checkpoint, dataset: str = DEFAULT_DATASET,
                      n_samples: int = 256, block_size: int = 512, n_blocks: int | None = None,
                      kind: str = "activation", split: str = DEFAULT_SPLIT, micro_batch: int = 4,
@@ -465,8 +479,7 @@ def cached_calibrate(base: str | os.PathLike | Checkpoint, dataset: str = DEFAUL
                      refresh: bool = False) -> Scales:
     """`calibrate`, memoised on disk under `cache_root` (default `$AIM_RAY_CACHE/scales`)."""
     ckpt = open_checkpoint(base)
-    settings = calibration_settings(ckpt, dataset, n_samples, block_size, n_blocks, split, dtype)
-    path = cache_path(cache_key(ckpt.content_hash(), settings, kind), cache_root)
+    path = scales_cache_path(ckpt, dataset, n_samples, block_size, n_blocks, split, dtype, kind, cache_root)
     if path.exists() and not refresh:
         return Scales.load(path)
     scales = calibrate(ckpt, dataset, n_samples, block_size, n_blocks, kind, split, micro_batch, dtype,
