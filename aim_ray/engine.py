@@ -266,8 +266,21 @@ class CheckpointInputs:
             self._base = self._aligned_base()
         return self.expert(i).sub_(self._base)
 
-    def generator(self, i: int) -> torch.Generator:
-        return torch.Generator().manual_seed(mask_seed(self.job.seed, i, self.name))
+    def mask_key(self, i: int) -> int:
+        return mask_seed(self.job.seed, i, self.name)
+
+    def stored(self, i: int) -> torch.Tensor | None:
+        """Tensor i (-1: the base) as stored, memory-mapped; None where vocabulary rows must be aligned."""
+        ckpt = self.job.base if i < 0 else self.job.experts[i]
+        if self.job.vocab_rows is not None and _is_vocab_tensor(self.name) and (
+                ckpt.tensors[self.name].shape[0] != self.job.vocab_rows):
+            return None
+        return ckpt.read(self.name)
+
+    def verify_finite(self) -> None:
+        if self.job.check_finite:
+            for index in range(-1, self.n_experts):
+                self._read(index)
 
     def _aligned_base(self) -> torch.Tensor:
         t = self._read(-1)

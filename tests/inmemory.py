@@ -1,6 +1,6 @@
 """An in-memory `TensorInputs` for tests: float32, fresh tensors on every call, counted reads.
 
-`reads[i]` counts how often expert i was read (expert() or task_vector()); `max_alive` is the largest
+`reads[i]` counts how often expert i was read (expert(), task_vector() or stored()); `max_alive` is the largest
 number of tensors handed out by expert()/task_vector() that were still referenced at the moment of a
 read. A method that stacks all N experts reaches N; a streaming one stays at 2-3 whatever N.
 """
@@ -16,12 +16,16 @@ from aim_ray.methods.base import mask_seed
 
 
 class InMemoryInputs:
-    def __init__(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], seed: int = 0) -> None:
+    def __init__(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor], seed: int = 0,
+                 stored_dtype: torch.dtype = torch.float32) -> None:
+        """`stored_dtype`: what stored() hands out, as a checkpoint would (bf16, f16); the inputs are rounded
+        to it first, so every path sees the same values."""
         self.name = name
         self.n_experts = len(experts)
         self.seed = seed
-        self._base = base.detach().to(torch.float32).clone()
-        self._experts = [e.detach().to(torch.float32).clone() for e in experts]
+        self._stored = [t.detach().to(stored_dtype).clone() for t in [base, *experts]]
+        self._base = self._stored[0].to(torch.float32)
+        self._experts = [e.to(torch.float32) for e in self._stored[1:]]
         for i, e in enumerate(self._experts):
             if e.shape != self._base.shape:
                 raise ValueError(f"expert {i} has shape {tuple(e.shape)}, base {tuple(self._base.shape)}")
@@ -40,8 +44,16 @@ class InMemoryInputs:
     def task_vector(self, i: int) -> torch.Tensor:
         return self._hand_out(i, self._experts[i] - self._base)
 
-    def generator(self, i: int) -> torch.Generator:
-        return torch.Generator().manual_seed(mask_seed(self.seed, i, self.name))
+    def mask_key(self, i: int) -> int:
+        return mask_seed(self.seed, i, self.name)
+
+    def stored(self, i: int) -> torch.Tensor:
+        """The stored tensor itself (the fused path reads it in place): counted as one read."""
+        if i < 0:
+            self.base_reads += 1
+        else:
+            self.reads[i] += 1
+        return self._stored[i + 1]
 
     def _hand_out(self, i: int, tensor: torch.Tensor) -> torch.Tensor:
         if not 0 <= i < self.n_experts:

@@ -10,6 +10,7 @@ import torch
 
 from aim_ray.errors import ConfigError
 from aim_ray.methods import REGISTRY, get_method, resolve_params
+from aim_ray.methods.kernels import uniform
 from aim_ray.methods.sparsify import kth_largest, rank_mask
 
 try:
@@ -58,7 +59,7 @@ def ref_rescale(tau, mask, norm, keep_prob):
     return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
 
 
-def ref_sparsify(tau, how, density, gamma, epsilon, norm, generator):
+def ref_sparsify(tau, how, density, gamma, epsilon, norm, key):
     if density >= 1:
         return tau
     flat, n = tau.abs().flatten(), tau.numel()
@@ -72,11 +73,11 @@ def ref_sparsify(tau, how, density, gamma, epsilon, norm, generator):
         mask[torch.argsort(flat, stable=True)[n_bot:n_bot + target]] = 1
         return ref_rescale(tau, mask.view(tau.shape), norm, density)
     if how == "random":
-        return ref_rescale(tau, torch.rand(tau.shape, generator=generator) < density, norm, density)
+        return ref_rescale(tau, uniform(key, tau.shape) < density, norm, density)
     rows = tau if tau.dim() >= 2 else tau.reshape(1, -1)  # della_magprune
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
     probs = (density - epsilon) + ranks / (rows.shape[1] - 1) * 2 * epsilon
-    mask = torch.rand(probs.shape, generator=generator) < probs
+    mask = uniform(key, probs.shape) < probs
     return ref_rescale(rows, mask, norm, probs).reshape(tau.shape)
 
 
@@ -94,7 +95,7 @@ def ref_gta(method, inputs, per_expert, shared):
     w = torch.tensor([e["weight"] for e in p.per_expert])
     d = torch.stack([
         tau if how is None else ref_sparsify(tau, how, e["density"], e.get("gamma", 0), e.get("epsilon", 0),
-                                             norm, inputs.generator(i))
+                                             norm, inputs.mask_key(i))
         for i, (tau, e) in enumerate(zip(taus, p.per_expert, strict=True))])
     big_d = d * w.view(-1, *[1] * taus[0].dim())
     wb = w.view(-1, *[1] * taus[0].dim()).expand_as(big_d)

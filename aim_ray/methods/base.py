@@ -37,11 +37,15 @@ class TensorInputs(Protocol):
         """tau_i = expert_i - base, float32, a fresh tensor."""
         ...
 
-    def generator(self, i: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, expert index, tensor name): same masks whatever the
-        number of workers or the order of tensors. Each call returns a freshly seeded generator, so a
-        second pass over the experts draws the same masks."""
+    def mask_key(self, i: int) -> int:
+        """Expert i's random-mask key, from (seed, expert index, tensor name) (`mask_seed`): the same masks
+        whatever the number of workers or the order of tensors."""
         ...
+
+    # Optional (the fused path of the task-arithmetic family uses them when present):
+    # stored(i) -> torch.Tensor | None: tensor i (-1: the base) as stored (bf16/f16/f32, not converted, not
+    #     to be modified), or None when it must be converted first (e.g. vocabulary rows to align);
+    # verify_finite() -> None: raise naming the input that holds NaN/Inf, if the merge checks for them.
 
 
 @dataclass(frozen=True)

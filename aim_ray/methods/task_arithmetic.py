@@ -9,7 +9,10 @@ dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear.
 
 Memory does not grow with N: experts are streamed one at a time, each read and sparsified once (sign
 consensus keeps the positive and negative sums apart, see `_consensus_sum`). Random masks come from
-`inputs.generator(i)`, seeded from (seed, expert, tensor), so they do not depend on the order of work.
+`inputs.mask_key(i)`, derived from (seed, expert, tensor), so they do not depend on the order of work.
+
+This torch code is the reference; `fused.fused_gta` computes the same result in a few fused passes over the
+stored tensors and is taken whenever it applies (every method here but DELLA).
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ import torch
 
 from ..errors import ConfigError
 from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, register
+from .fused import fused_gta
 from .sparsify import RESCALE_NORMS, sparsify
 
 
 def gta_merge(inputs: TensorInputs, params: MethodParams, *, sparsification: str | None,
               consensus: bool) -> torch.Tensor:
+    fast = fused_gta(inputs, params, sparsification, consensus)
+    if fast is not None:
+        return fast
     weights = [float(params.expert(i, "weight")) for i in range(inputs.n_experts)]
     contribution = partial(_contribution, inputs, params, sparsification)
     if consensus:
@@ -54,7 +61,7 @@ def _contribution(inputs: TensorInputs, params: MethodParams, sparsification: st
         random = sparsification in ("random", "della_magprune")
         tau = sparsify(tau, sparsification, density=expert["density"], gamma=expert.get("gamma", 0.0),
                        epsilon=expert.get("epsilon", 0.0), norm=_rescale_norm(params),
-                       generator=inputs.generator(i) if random else None)
+                       key=inputs.mask_key(i) if random else None)
     return tau.mul_(float(params.expert(i, "weight")))
 
 
