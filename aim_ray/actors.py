@@ -55,7 +55,16 @@ from .calibration import (
 )
 from .checkpoint import DEFAULT_SHARD_SIZE, OutputDir, shard_filename
 from .config import CalibrationConfig, MergeConfig
-from .engine import MergeJob, RelaxFn, finalize, load_progress, prepare, save_progress, write_shard
+from .engine import (
+    MergeJob,
+    RelaxFn,
+    finalize,
+    load_progress,
+    prepare,
+    save_progress,
+    set_merge_threads,
+    write_shard,
+)
 from .errors import AimRayError, CalibrationError, CheckpointError, ConfigError
 from .plan import (
     LayerRange,
@@ -188,6 +197,7 @@ class LayerRangeWorker:
     def __init__(self, worker: int, cpus: float = 1.0) -> None:
         self.worker = worker
         torch.set_num_threads(max(1, int(cpus)))  # the bundle's share, whatever OMP_NUM_THREADS says
+        set_merge_threads(int(cpus))
         self._job_key: str | None = None
         self._job: MergeJob | None = None
         self._stage = None

@@ -69,23 +69,30 @@ def relaxation_factor(scale: torch.Tensor, omega: float) -> torch.Tensor:
 def relax(name: str, theta_pre: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None,
           omega: float) -> torch.Tensor:
     """The AIM-relaxed weight in float32. `scale` None (embeddings, biases): `theta_pre + delta`."""
-    omega = validate_omega(omega)
     if theta_pre.shape != delta.shape:
         raise ScalesError(f"{name}: base shape {tuple(theta_pre.shape)} != delta shape {tuple(delta.shape)}")
     base = theta_pre.to(torch.float32)
     d = delta.to(torch.float32)
+    factor = factor_for(name, tuple(d.shape), scale, omega)
+    return base + d if factor is None else base + factor * d
+
+
+def factor_for(name: str, shape: tuple[int, ...], scale: torch.Tensor | None, omega: float
+               ) -> torch.Tensor | None:
+    """The multiplier of delta in `relax` (per column or per element), None for 1 (no scales)."""
+    omega = validate_omega(omega)
     if scale is None:
-        return base + d
-    _check_scale_shape(name, scale, d)
-    return base + relaxation_factor(scale.to(d.device), omega) * d
+        return None
+    _check_scale_shape(name, scale, shape)
+    return relaxation_factor(scale, omega)
 
 
-def _check_scale_shape(name: str, scale: torch.Tensor, delta: torch.Tensor) -> None:
-    elementwise = scale.shape == delta.shape
-    per_column = scale.dim() == 1 and delta.dim() >= 1 and scale.shape[0] == delta.shape[-1]
+def _check_scale_shape(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
+    elementwise = tuple(scale.shape) == shape
+    per_column = scale.dim() == 1 and len(shape) >= 1 and scale.shape[0] == shape[-1]
     if not (elementwise or per_column):
         raise ScalesError(f"{name}: scales of shape {tuple(scale.shape)} fit neither the tensor's shape "
-                          f"{tuple(delta.shape)} nor its last dimension")
+                          f"{shape} nor its last dimension")
 
 
 def scale_for(name: str, scales: Mapping[str, torch.Tensor], tie_word_embeddings: bool = False,

@@ -15,7 +15,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from .checkpoint import (
 )
 from .config import MergeConfig
 from .errors import AimRayError, CheckpointError, ConfigError
-from .methods import get_method, resolve_params
+from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
 
@@ -319,9 +320,32 @@ def merge_tensor(job: MergeJob, name: str, relax: RelaxFn | None = None) -> torc
         return job.base.read(name).clone()  # integer buffers are copied from the base
     inputs = CheckpointInputs(job, name)
     delta = compute_delta(job, inputs)
+    fast = _apply_fused(job, inputs, delta, relax)
+    if fast is not None:
+        return fast
     theta_pre = inputs.base()
     merged = relax(name, theta_pre, delta) if relax is not None else theta_pre.add_(delta)
     return merged.to(job.out_dtype)
+
+
+def _apply_fused(job: MergeJob, inputs: CheckpointInputs, delta: torch.Tensor, relax: RelaxFn | None
+                 ) -> torch.Tensor | None:
+    """theta_pre + delta (or AIM's theta_pre + factor * delta) in the output dtype, in one pass over the stored
+    base, when the relaxation hook exposes its factor (`factor(name, shape)`) and the dtypes allow."""
+    factor_of = getattr(relax, "factor", None)
+    if not fused.enabled() or (relax is not None and factor_of is None):
+        return None
+    base = inputs.stored(-1)
+    if base is None:
+        return None
+    factor = factor_of(inputs.name, tuple(delta.shape)) if factor_of is not None else None
+    applied = kernels.apply_delta(base, delta, factor, job.out_dtype)
+    if applied is None:
+        return None
+    merged, nonfinite_base = applied
+    if nonfinite_base:
+        inputs.verify_finite()
+    return merged
 
 
 def write_delta(job: MergeJob, out_dir: Path) -> Path:
@@ -370,6 +394,63 @@ def release_free_heap() -> None:
         trim(0)
 
 
+_merge_threads = 1
+
+
+def set_merge_threads(threads: int) -> None:
+    """How many tensors this process merges at once (each on one core; the kernels release the GIL).
+    Every in-flight tensor holds its own buffers: peak heap grows with this, never with the experts."""
+    global _merge_threads
+    _merge_threads = max(1, int(threads))
+
+
+# Merged tensors that wait for their turn in the shard (the big ones are computed first): at most this many
+# output bytes beyond the one tensor the writer needs next.
+LOOKAHEAD_BYTES = 1 << 30
+
+
+def merged_in_order(job: MergeJob, names: Sequence[str], relax: RelaxFn | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) in the order of `names`, computed by up to `set_merge_threads` threads, largest
+    tensors first (so the embedding and the LM head do not leave one core alone at either end). The order of
+    work never changes a result (masks are keyed by tensor, not by order): same bytes for any thread count."""
+    threads = min(_merge_threads, len(names))
+    if threads <= 1:
+        for name in names:
+            yield name, merge_tensor(job, name, relax)
+        return
+    size = {o.name: o.nbytes for o in job.outputs}
+    by_size = sorted(names, key=lambda n: -size[n])
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per tensor: no OpenMP teams competing with the other threads
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="aim-ray-merge")
+    futures: dict[str, Future] = {}  # submitted, not yet handed to the writer
+
+    def refill() -> None:
+        running = sum(not f.done() for f in futures.values())
+        waiting = sum(size[n] for n in futures)
+        for big in by_size:
+            if running >= threads:
+                return
+            if big not in futures and (waiting + size[big] <= LOOKAHEAD_BYTES or running == 0):
+                futures[big] = pool.submit(merge_tensor, job, big, relax)
+                running, waiting = running + 1, waiting + size[big]
+
+    try:
+        for name in names:
+            if name not in futures:  # the writer needs it next, whatever the budget says
+                futures[name] = pool.submit(merge_tensor, job, name, relax)
+            by_size.remove(name)
+            refill()
+            while not futures[name].done():
+                wait([f for f in futures.values() if not f.done()], return_when=FIRST_COMPLETED)
+                refill()
+            yield name, futures.pop(name).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+
+
 def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None = None,
                 metadata: dict[str, str] | None = None, on_tensor: Callable[[str], None] | None = None) -> str:
     """Write shard `index` of the plan into work_dir (via a .tmp file renamed when complete); return sha256."""
@@ -378,11 +459,12 @@ def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None
     tmp = final.with_name(final.name + ".tmp")
     writer = ShardWriter(tmp, shards[index], shard_metadata(job, metadata))
     try:
-        for out in shards[index]:
-            writer.add(out.name, merge_tensor(job, out.name, relax))
+        for name, tensor in merged_in_order(job, [out.name for out in shards[index]], relax):
+            writer.add(name, tensor)
+            del tensor
             release_free_heap()
             if on_tensor is not None:
-                on_tensor(out.name)
+                on_tensor(name)
         digest = writer.close()
     except BaseException:
         writer.abort()
@@ -425,11 +507,10 @@ def save_progress(job: MergeJob, work_dir: Path, done: dict[int, str]) -> None:
 
 
 def versions() -> dict[str, str]:
-    import safetensors
-    import transformers
+    from importlib.metadata import version  # importing transformers only for its version takes ~0.7 s
 
-    return {"aim_ray": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    return {"aim_ray": __version__, "torch": torch.__version__, "transformers": version("transformers"),
+            "safetensors": version("safetensors"), "python": platform.python_version()}
 
 
 def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .aim import relax, scale_for, validate_omega
+from .aim import factor_for, relax, scale_for, validate_omega
 from .calibration import cached_calibrate
 from .checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, OutputDir
 from .config import AimConfig, MergeConfig, parse_config
@@ -75,6 +75,11 @@ class AimRelaxer:
     def __call__(self, name: str, theta_pre: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         choice = scale_for(name, self.scales, self.tied, self.kind)
         return relax(name, theta_pre, delta, choice.scale, self.omega)
+
+    def factor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The multiplier of delta (per column or per element; None: 1), for the engine's fused apply:
+        `theta_pre + factor * delta` is exactly what __call__ computes."""
+        return factor_for(name, shape, scale_for(name, self.scales, self.tied, self.kind).scale, self.omega)
 
     def notes(self, names: list[str]) -> list[str]:
         """Checks every tensor has its scales (before any write) and returns the notes to record."""

@@ -28,11 +28,13 @@ METHODS = {
 }
 
 
-def run_tool(tool: str, cfg: Path, out: Path, best_threads: bool = False):
-    """One timed run. aim-ray runs as shipped (one torch thread). With best_threads, MergeKit runs with its
-    default threads and with OMP_NUM_THREADS=1, and its faster run counts (the fairest comparison)."""
+def run_tool(tool: str, cfg: Path, out: Path, best_threads: bool = False, threads: int | None = None):
+    """One timed run. aim-ray runs as shipped (`--threads` defaults to the CPUs, at most 4) or with `threads`.
+    With best_threads, MergeKit runs with its default threads and with OMP_NUM_THREADS=1, and its faster
+    run counts (the fairest comparison)."""
     if tool == "aim-ray":
         cmd = [str(BIN / "aim-ray"), "merge", str(cfg), "--out", str(out), "--quiet"]
+        cmd += ["--threads", str(threads)] if threads else []
     else:
         cmd = [str(BIN / "mergekit-yaml"), str(cfg), str(out), "--quiet", "--random-seed", "0"]
     runs = []
@@ -58,15 +60,19 @@ def main() -> None:
     work.mkdir(exist_ok=True)
 
     print("## speed: base + 3 experts")
-    floor = io_floor([base, *experts[:3]], work / "floor.bin")
-    print(f"I/O floor (read 4 models, write 1): {floor:.2f} s")
-    print("| method | aim-ray s | mergekit s | speed-up | aim-ray / I/O floor |")
-    print("|---|---|---|---|---|")
+    print("I/O floor: read the 4 models, write and fsync one; measured right before each aim-ray run, since it "
+          "moves with the page cache's dirty pages")
+    print("| method | aim-ray s | aim-ray 1 thread s | mergekit s | speed-up | speed-up 1 thread | I/O floor s | "
+          "aim-ray / I/O floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for method, params in METHODS.items():
         cfg = merge_yaml(work / f"{method}.yaml", method, base, experts[:3], params)
+        floor = io_floor([base, *experts[:3]], work / "floor.bin")
         ours = run_tool("aim-ray", cfg, work / "out")
+        single = run_tool("aim-ray", cfg, work / "out", threads=1)
         theirs = run_tool("mergekit", cfg, work / "out", best_threads=True)
-        print(f"| {method} | {ours.seconds:.2f} | {theirs.seconds:.2f} | {theirs.seconds / ours.seconds:.2f}x | "
+        print(f"| {method} | {ours.seconds:.2f} | {single.seconds:.2f} | {theirs.seconds:.2f} | "
+              f"{theirs.seconds / ours.seconds:.2f}x | {theirs.seconds / single.seconds:.2f}x | {floor:.2f} | "
               f"{ours.seconds / floor:.2f}x |", flush=True)
 
     print("\n## peak heap (anonymous RSS), ties density 0.5")

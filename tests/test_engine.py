@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.cli import main
 from aim_ray.methods import REGISTRY
+from aim_ray.methods.fused import torch_path
 from aim_ray.tiny import build_model, save_model, tiny_config
 
 
@@ -83,13 +84,29 @@ def test_sharded_output_and_same_seed_same_bytes(llama_family, make_config, tmp_
     base, experts = llama_family
     cfg = make_config("dare_ties", base, experts, [{"weight": 1.0, "density": 0.5}] * 3)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for out, seed in ((a, 7), (b, 7), (c, 8)):
-        assert run_cli("merge", cfg, "--out", out, "--seed", seed, "--shard-size", "60KB", "--quiet").exit_code == 0
+    for out, seed, threads in ((a, 7, 1), (b, 7, 3), (c, 8, 2)):  # same bytes whatever the threads
+        assert run_cli("merge", cfg, "--out", out, "--seed", seed, "--shard-size", "60KB", "--quiet",
+                       "--threads", threads).exit_code == 0
     index = json.loads((a / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "task_arithmetic"])
+def test_fused_kernels_write_the_torch_paths_bytes(llama_family, make_config, tmp_path, method):
+    """End to end on a real bf16 checkpoint: the fused path (kernels + fused apply) and the torch reference
+    path write identical shards."""
+    base, experts = llama_family
+    cfg = make_config(method, base, experts, [{"weight": w, "density": 0.4} if method != "task_arithmetic" else
+                                              {"weight": w} for w in (1.0, -0.5, 0.7)])
+    fused, reference = tmp_path / "fused", tmp_path / "reference"
+    assert run_cli("merge", cfg, "--out", fused, "--quiet", "--threads", 2).exit_code == 0
+    with torch_path():
+        assert run_cli("merge", cfg, "--out", reference, "--quiet", "--threads", 1).exit_code == 0
+    files = sorted(p.name for p in fused.glob("*.safetensors"))
+    assert files and all((fused / f).read_bytes() == (reference / f).read_bytes() for f in files)
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -175,3 +175,30 @@ def test_every_16_bit_pattern_decodes_like_torch(dtype):
     params = resolve_params(get_method("task_arithmetic"), [{"weight": 1.0}], {})
     decoded = fused_gta(inputs, params, None, False)  # tau * 1.0 = pattern - 0
     torch.testing.assert_close(decoded, patterns.float() - 0.0, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------ apply delta
+
+
+@pytest.mark.parametrize("stored", STORAGE, ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("factor", ["none", "column", "element"])
+def test_apply_delta_equals_torch(stored, out_dtype, factor):
+    g = torch.Generator().manual_seed(11)
+    base = (0.05 * torch.randn(70, 33, generator=g)).to(stored)
+    delta = 0.01 * torch.randn(70, 33, generator=g)
+    # bf16 rounding ties: sums whose low 16 bits are exactly 0x8000, both parities of the kept bit
+    delta.view(-1)[:64] = (base.float().view(-1)[:64].view(torch.int32) | 0x8000).view(torch.float32) \
+        - base.float().view(-1)[:64]
+    f = {"none": None, "column": torch.rand(33, generator=g), "element": torch.rand(70, 33, generator=g)}[factor]
+    merged, bad = K.apply_delta(base, delta, f, out_dtype)
+    expected = (base.float() + (delta if f is None else f * delta)).to(out_dtype)
+    assert bad == 0 and merged.dtype == out_dtype and torch.equal(merged, expected)
+
+
+def test_apply_delta_counts_nonfinite_base_and_skips_other_dtypes():
+    base = torch.tensor([1.0, math.nan, math.inf, -2.0], dtype=torch.bfloat16)
+    _, bad = K.apply_delta(base, torch.zeros(4), None, torch.bfloat16)
+    assert bad == 2
+    assert K.apply_delta(base, torch.zeros(4), None, torch.float16) is None
+    assert K.apply_delta(base.to(torch.float64), torch.zeros(4), None, torch.bfloat16) is None

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from numba.typed import List
 
 from . import kernels as K
 from .base import MethodParams, TensorInputs
@@ -35,6 +34,10 @@ def torch_path() -> Iterator[None]:
         _enabled = saved
 
 
+def enabled() -> bool:
+    return _enabled
+
+
 def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | None, consensus: bool
               ) -> torch.Tensor | None:
     if not _enabled or sparsification not in FUSED_SPARSIFICATIONS:
@@ -43,7 +46,7 @@ def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | 
     if views is None:
         return None
     shape, base, experts = views
-    n = base[0].size
+    n = base.size
     count = len(experts)
     modes = np.zeros(count, np.int64)
     bounds = np.tile(np.array([*K.EMPTY, *K.EMPTY], np.int64), (count, 1))
@@ -66,9 +69,9 @@ def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | 
         scales[i], divide[i] = _rescale(base, expert, norm, modes[i], bounds[i], keys[i], probs[i], density)
     lam = float(params.shared["lambda"])
     out = np.empty(n, np.float32)
-    bad = K._combine(base[0], base[1], List([e[0] for e in experts]), experts[0][1], modes, bounds, keys,
-                     probs, scales, divide, weights, consensus, bool(params.shared["normalize"]),
-                     _weight_sum(params, count), np.float32(lam), lam != 1, out)
+    addresses = np.array([e.ctypes.data for e in experts], np.int64)  # `experts` keeps them alive
+    bad = K._combine(base, addresses, modes, bounds, keys, probs, scales, divide, weights, consensus,
+                     bool(params.shared["normalize"]), _weight_sum(params, count), np.float32(lam), lam != 1, out)
     if bad:
         verify = getattr(inputs, "verify_finite", None)
         if verify is not None:
@@ -88,8 +91,8 @@ def _stored_views(inputs: TensorInputs):
     if any(v is None for v in views):
         return None
     base, experts = views[0], views[1:]
-    if len({e[1] for e in experts}) != 1 or base[0].dtype != experts[0][0].dtype:
-        return None  # one numba list type for the experts; the base of the same width
+    if len({e.dtype for e in views}) != 1:
+        return None  # one storage format for all (the kernels see the experts as base-typed arrays)
     return tuple(tensors[0].shape), base, experts
 
 
@@ -109,7 +112,7 @@ def _rescale(base, expert, norm: str | None, mode: int, bounds: np.ndarray, key,
         return np.float32(1.0), False
     if norm == "inverse":
         return np.float32(density), True
-    before, after = K._kept_norms(base[0], base[1], expert[0], expert[1], mode, bounds, key, prob, _NORMS[norm])
+    before, after = K._kept_norms(base, expert, mode, bounds, key, prob, _NORMS[norm])
     before, after = np.float32(before), np.float32(after)
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return np.float32(1.0), False

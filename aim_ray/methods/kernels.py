@@ -23,11 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-
-FMT_F32, FMT_BF16, FMT_F16 = 0, 1, 2
-STORAGE_FORMATS = {torch.float32: FMT_F32, torch.bfloat16: FMT_BF16, torch.float16: FMT_F16}
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 MODE_DENSE, MODE_RANK, MODE_RANDOM = 0, 1, 2
 NORM_NONE, NORM_L1, NORM_L2, NORM_LINF = 0, 1, 2, 3
@@ -57,6 +55,20 @@ def _f32_as_bits(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _as_pointer(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.int64), codegen
+
+
+@njit(inline="always")
+def _like(base, address):
+    """The array at `address` with base's shape and dtype. The experts reach the kernels as an array of
+    addresses: a numba typed List of arrays costs ~0.4 s of compilation in every new process."""
+    return carray(_as_pointer(address), base.shape, base.dtype)
+
+
 @njit(inline="always")
 def _half_bits(h):
     """IEEE half -> float32 bits, exactly (subnormals, Inf and NaN included)."""
@@ -72,15 +84,33 @@ def _half_bits(h):
     return sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
 
 
-@njit(inline="always")
-def _load(raw, j, fmt):
-    """Element j of a stored tensor (bits as uint16 / uint32) as float32."""
-    x = np.uint32(raw[j])
-    if fmt == FMT_BF16:
-        return _bits_as_f32(x << np.uint32(16))
-    if fmt == FMT_F16:
-        return _bits_as_f32(_half_bits(x))
+def _decode(x):
+    """Stored bits -> float32. The storage format is the bits' type (see `flat_bits`), so the dispatch
+    happens once at compile time: uint16 = bf16, int16 = f16, uint32 = f32."""
+
+
+def _decode_bf16(x):
+    return _bits_as_f32(np.uint32(x) << np.uint32(16))
+
+
+def _decode_f16(x):
+    return _bits_as_f32(_half_bits(np.uint32(np.uint16(x))))
+
+
+def _decode_f32(x):
     return _bits_as_f32(x)
+
+
+@overload(_decode)
+def _decode_overload(x):
+    return {types.uint16: _decode_bf16, types.int16: _decode_f16, types.uint32: _decode_f32}.get(x)
+
+
+@njit(inline="always")
+def _tau_bits(base, expert, j):
+    """(tau_j, |tau_j| float bits)."""
+    t = _decode(expert[j]) - _decode(base[j])
+    return t, _f32_as_bits(t) & np.uint32(ABS_MASK)
 
 
 @njit(inline="always")
@@ -116,39 +146,41 @@ def _fill_uniform(key, out):
 
 
 @njit(nogil=True, cache=True)
-def _abs_histogram(base, fb, expert, fe, hist):
+def _abs_histogram(base, expert, hist):
     """hist[b] = number of entries whose |tau| float bits have b as their high 16 bits."""
     for j in range(base.size):
-        a = _f32_as_bits(_load(expert, j, fe) - _load(base, j, fb)) & np.uint32(ABS_MASK)
-        hist[a >> np.uint32(16)] += 1
+        hist[_tau_bits(base, expert, j)[1] >> np.uint32(16)] += 1
 
 
 @njit(nogil=True, cache=True)
-def _collect_buckets(base, fb, expert, fe, buckets, cursors, lows, indices):
-    """The low 16 bits and flat index of the entries in each high-16-bit bucket of `buckets`, in index
-    order: bucket q's go to lows / indices from cursors[q] on (slots sized by the histogram)."""
-    nb = buckets.size
+def _collect_buckets(base, expert, first, second, cursors, lows, indices):
+    """The low 16 bits and flat index of the entries in the high-16-bit buckets `first` and `second` (-1:
+    none), in index order, into lows / indices from cursors[0] (first) and cursors[1] (second) on."""
+    low_mask = np.uint32(0xFFFF)
     for j in range(base.size):
-        a = _f32_as_bits(_load(expert, j, fe) - _load(base, j, fb)) & np.uint32(ABS_MASK)
-        high = a >> np.uint32(16)
-        for q in range(nb):
-            if high == buckets[q]:
-                lows[cursors[q]] = a & np.uint32(0xFFFF)
-                indices[cursors[q]] = j
-                cursors[q] += 1
+        a = _tau_bits(base, expert, j)[1]
+        high = np.int64(a >> np.uint32(16))
+        if high == first:
+            lows[cursors[0]] = a & low_mask
+            indices[cursors[0]] = j
+            cursors[0] += 1
+        elif high == second:
+            lows[cursors[1]] = a & low_mask
+            indices[cursors[1]] = j
+            cursors[1] += 1
 
 
 @njit(nogil=True, cache=True)
-def _kept_norms(base, fb, expert, fe, mode, bounds, key, prob, norm):
+def _kept_norms(base, expert, mode, bounds, key, prob, norm):
     """(norm of tau, norm of the kept entries), accumulated in float64, for rescaling."""
     before = 0.0
     after = 0.0
     for j in range(base.size):
-        t = _load(expert, j, fe) - _load(base, j, fb)
+        t, a = _tau_bits(base, expert, j)
         if mode == MODE_RANDOM:
             keep = uniform24(key, j) < prob
         else:
-            keep = _kept(_f32_as_bits(t) & np.uint32(ABS_MASK), j, bounds)
+            keep = _kept(a, j, bounds)
         v = abs(np.float64(t))
         if norm == NORM_L2:
             v = v * v
@@ -166,64 +198,131 @@ def _kept_norms(base, fb, expert, fe, mode, bounds, key, prob, norm):
 
 
 @njit(nogil=True, cache=True)
-def _combine(base, fb, experts, fe, modes, bounds, keys, probs, scales, divide, weights, consensus, normalize,
-             div, lam, apply_lambda, out):
+def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights, consensus, normalize, div, lam,
+             apply_lambda, out):
     """delta = lambda * normalize(sum_i w_i * rescale(mask_i * tau_i)), with sign consensus or not, chunk by
-    chunk. Returns the number of non-finite tau entries met (Inf/NaN inputs, or an overflow)."""
+    chunk. `experts`: the addresses of the experts' arrays (same shape and dtype as base). Returns the number
+    of non-finite tau entries met (Inf/NaN inputs, or an overflow).
+
+    Every branch on the mode or an option sits outside the element loops, which stay simple enough for
+    LLVM to vectorize."""
     n = base.size
     pos = np.empty(CHUNK, np.float32)
     neg = np.empty(CHUNK, np.float32)
     wpos = np.empty(CHUNK, np.float32)
     wneg = np.empty(CHUNK, np.float32)
     theta = np.empty(CHUNK, np.float32)
+    d = np.empty(CHUNK, np.float32)
     zero = np.float32(0.0)
     bad = 0
     for start in range(0, n, CHUNK):
         size = min(CHUNK, n - start)
+        # -0.0 + x == x for every x: the first expert's term is taken exactly (torch's path copies it).
+        first = zero if consensus else np.float32(-0.0)
         for k in range(size):
-            theta[k] = _load(base, start + k, fb)
-            # -0.0 + d == d for every d: the first expert's term is taken exactly (torch's path copies it).
-            pos[k] = zero if consensus else np.float32(-0.0)
+            theta[k] = _decode(base[start + k])
+            pos[k] = first
             neg[k] = zero
             wpos[k] = zero
             wneg[k] = zero
-        for i in range(len(experts)):
-            expert = experts[i]
-            mode = modes[i]
+        for i in range(experts.size):
+            bad += _contribution(_like(base, experts[i]), theta, start, size, modes[i], bounds[i], keys[i], probs[i],
+                                 scales[i], divide[i], weights[i], d)
             w = weights[i]
-            for k in range(size):
-                j = start + k
-                t = _load(expert, j, fe) - theta[k]
-                a = _f32_as_bits(t) & np.uint32(ABS_MASK)
-                bad += a >= np.uint32(NONFINITE)
-                if mode == MODE_DENSE:
-                    d = t * w
-                else:
-                    if mode == MODE_RANK:
-                        keep = _kept(a, j, bounds[i])
-                    else:
-                        keep = uniform24(keys[i], j) < probs[i]
-                    m = t * np.float32(keep)
-                    m = m / scales[i] if divide[i] else m * scales[i]
-                    d = m * w
-                if consensus:
-                    pos[k] += max(d, zero)
-                    neg[k] += min(d, zero)
-                    wpos[k] += w if d > zero else zero
-                    wneg[k] += w if d < zero else zero
-                else:
-                    pos[k] += d
-        for k in range(size):
             if consensus:
-                if pos[k] + neg[k] >= zero:
-                    mixed, total = pos[k], wpos[k]
-                else:
-                    mixed, total = neg[k], wneg[k]
-                if normalize:
-                    mixed = mixed / (total if total != zero else np.float32(1.0))
+                for k in range(size):
+                    x = d[k]
+                    pos[k] += max(x, zero)
+                    neg[k] += min(x, zero)
+                    wpos[k] += w if x > zero else zero
+                    wneg[k] += w if x < zero else zero
             else:
+                for k in range(size):
+                    pos[k] += d[k]
+        if consensus:
+            for k in range(size):
+                positive = pos[k] + neg[k] >= zero
+                mixed = pos[k] if positive else neg[k]
+                if normalize:
+                    total = wpos[k] if positive else wneg[k]
+                    mixed = mixed / (total if total != zero else np.float32(1.0))
+                out[start + k] = mixed * lam if apply_lambda else mixed
+        else:
+            for k in range(size):
                 mixed = pos[k] / div if normalize else pos[k]
-            out[start + k] = mixed * lam if apply_lambda else mixed
+                out[start + k] = mixed * lam if apply_lambda else mixed
+    return bad
+
+
+@njit(inline="always")
+def _contribution(expert, theta, start, size, mode, bounds, key, prob, scale, divide, weight, d):
+    """d[:size] = weight * rescale(mask * tau) of one expert over one chunk; returns its non-finite count."""
+    bad = 0
+    if mode == MODE_DENSE:
+        for k in range(size):
+            t = _decode(expert[start + k]) - theta[k]
+            bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
+            d[k] = t
+    elif mode == MODE_RANK:
+        for k in range(size):
+            t = _decode(expert[start + k]) - theta[k]
+            a = _f32_as_bits(t) & np.uint32(ABS_MASK)
+            bad += a >= np.uint32(NONFINITE)
+            d[k] = t * np.float32(_kept(a, start + k, bounds))
+    else:
+        for k in range(size):
+            t = _decode(expert[start + k]) - theta[k]
+            bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
+            d[k] = t * np.float32(uniform24(key, start + k) < prob)
+    if divide:
+        for k in range(size):
+            d[k] = d[k] / scale
+    elif scale != np.float32(1.0):
+        for k in range(size):
+            d[k] = d[k] * scale
+    for k in range(size):
+        d[k] = d[k] * weight
+    return bad
+
+
+def _store(out, j, value):
+    """Write a float32 into an output array: float32 as is, uint16 as bf16 (torch's rounding)."""
+
+
+def _store_bf16(out, j, value):
+    bits = _f32_as_bits(value)
+    if (bits & np.uint32(ABS_MASK)) > np.uint32(NONFINITE):
+        out[j] = np.uint16(0x7FC0)  # NaN
+    else:  # round to nearest, ties to even, as c10::BFloat16
+        out[j] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _store_f32(out, j, value):
+    out[j] = value
+
+
+@overload(_store)
+def _store_overload(out, j, value):
+    return {types.uint16: _store_bf16, types.float32: _store_f32}.get(out.dtype)
+
+
+@njit(nogil=True, cache=True)
+def _apply_delta(base, delta, factor, period, out):
+    """out = theta_pre + delta (period 0) or theta_pre + factor[j % period] * delta, in out's format. Returns
+    the number of non-finite base entries."""
+    bad = 0
+    if period == 0:
+        for j in range(base.size):
+            theta = _decode(base[j])
+            bad += (_f32_as_bits(theta) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
+            _store(out, j, theta + delta[j])
+    else:
+        for row in range(base.size // period):
+            for c in range(period):
+                j = row * period + c
+                theta = _decode(base[j])
+                bad += (_f32_as_bits(theta) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
+                _store(out, j, theta + factor[c] * delta[j])
     return bad
 
 
@@ -237,16 +336,17 @@ def uniform(key: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     return torch.from_numpy(out).view(tuple(shape))
 
 
-def flat_bits(t: torch.Tensor) -> tuple[np.ndarray, int] | None:
-    """A flat view of a stored tensor's bits (uint16 for bf16/f16, uint32 for f32) and its format; None for
-    other dtypes. No copy for contiguous tensors (memory-mapped ones stay in the page cache)."""
-    fmt = STORAGE_FORMATS.get(t.dtype)
-    if fmt is None:
+_BITS = {torch.float32: (torch.int32, np.uint32), torch.bfloat16: (torch.int16, np.uint16),
+         torch.float16: (torch.int16, np.int16)}  # the kernels' `_decode` tells the formats apart by type
+
+
+def flat_bits(t: torch.Tensor) -> np.ndarray | None:
+    """A flat view of a stored tensor's bits, typed by format (bf16: uint16, f16: int16, f32: uint32); None
+    for other dtypes. No copy for contiguous tensors (memory-mapped ones stay in the page cache)."""
+    if t.dtype not in _BITS:
         return None
-    flat = t.detach().reshape(-1)
-    if fmt == FMT_F32:
-        return flat.view(torch.int32).numpy().view(np.uint32), fmt
-    return flat.view(torch.int16).numpy().view(np.uint16), fmt
+    same_width, bits = _BITS[t.dtype]
+    return t.detach().reshape(-1).view(same_width).numpy().view(bits)
 
 
 FLIP_SMALLEST = ABS_MASK
@@ -259,15 +359,13 @@ def _select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
     return bucket, count - int(at_or_above[bucket] - counts[bucket])
 
 
-def rank_bounds(base: tuple[np.ndarray, int], expert: tuple[np.ndarray, int],
-                sets: list[tuple[int, bool]]) -> np.ndarray:
+def rank_bounds(base: np.ndarray, expert: np.ndarray, sets: list[tuple[int, bool]]) -> np.ndarray:
     """Boundaries (flip, threshold, cutoff) of up to two rank sets of |tau| = |expert - base|: each set is
     (count, largest) = the `count` largest (or smallest) entries, lower flat index first at equal values
     (the first `count` of a stable sort). Returns 6 int64: the first set, then the second (or EMPTY)."""
-    (b, fb), (e, fe) = base, expert
-    n = b.size
+    n = base.size
     hist = np.zeros(1 << 15, np.int64)
-    _abs_histogram(b, fb, e, fe, hist)
+    _abs_histogram(base, expert, hist)
     resolved: list[tuple[int, int, int] | None] = []
     pending = []  # (set index, flip, bucket in key space, bucket in |tau| space, to take)
     for s, (count, largest) in enumerate(sets):
@@ -281,12 +379,12 @@ def rank_bounds(base: tuple[np.ndarray, int], expert: tuple[np.ndarray, int],
             bucket, take = _select_bucket(hist if largest else hist[::-1], count)
             pending.append((s, flip, bucket, bucket if largest else 0x7FFF - bucket, take))
     if pending:
-        buckets = sorted({p[3] for p in pending})
-        sizes = np.array([hist[q] for q in buckets], np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        buckets = sorted({p[3] for p in pending}) + [-1]
+        offsets = np.array([0, hist[buckets[0]], hist[buckets[0]] + (hist[buckets[1]] if buckets[1] >= 0 else 0)],
+                           np.int64)
         lows = np.empty(int(offsets[-1]), np.int64)
         indices = np.empty(int(offsets[-1]), np.int64)
-        _collect_buckets(b, fb, e, fe, np.array(buckets, np.int64), offsets[:-1].copy(), lows, indices)
+        _collect_buckets(base, expert, buckets[0], buckets[1], offsets[:2].copy(), lows, indices)
         for s, flip, bucket, bucket_abs, take in pending:
             q = buckets.index(bucket_abs)
             low = lows[offsets[q]:offsets[q + 1]]
@@ -297,3 +395,27 @@ def rank_bounds(base: tuple[np.ndarray, int], expert: tuple[np.ndarray, int],
     while len(resolved) < 2:
         resolved.append(EMPTY)
     return np.array([*resolved[0], *resolved[1]], np.int64)
+
+
+_OUT = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.float32, np.float32)}
+
+
+def apply_delta(base: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor | None, out_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, int] | None:
+    """(theta_pre + delta or theta_pre + factor * delta in out_dtype, count of non-finite base entries) from
+    the stored base, in one pass; bit-identical to torch's `(base.float() + factor * delta).to(out_dtype)`
+    for finite values. `factor`: per column (the last dimension) or per element. None when it does not
+    apply (another dtype)."""
+    bits = flat_bits(base)
+    if bits is None or out_dtype not in _OUT or delta.dtype != torch.float32 or delta.shape != base.shape:
+        return None
+    out_torch, out_np = _OUT[out_dtype]
+    out = torch.empty(base.shape, dtype=out_torch)
+    flat_delta = delta.reshape(-1).numpy()
+    if factor is None:
+        f, period = np.ones(1, np.float32), 0
+    else:
+        f = factor.to(torch.float32).reshape(-1).contiguous().numpy()
+        period = f.size  # per column: the last dimension; per element: the whole tensor (one row)
+    bad = _apply_delta(bits, flat_delta, f, period, out.reshape(-1).numpy().view(out_np))
+    return out.view(out_dtype), int(bad)
