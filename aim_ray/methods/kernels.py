@@ -219,15 +219,17 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
         size = min(CHUNK, n - start)
         # -0.0 + x == x for every x: the first expert's term is taken exactly (torch's path copies it).
         first = zero if consensus else np.float32(-0.0)
+        chunk = base[start:start + size]
         for k in range(size):
-            theta[k] = _decode(base[start + k])
+            theta[k] = _decode(chunk[k])
             pos[k] = first
             neg[k] = zero
             wpos[k] = zero
             wneg[k] = zero
         for i in range(experts.size):
-            bad += _contribution(_like(base, experts[i]), theta, start, size, modes[i], bounds[i], keys[i], probs[i],
-                                 scales[i], divide[i], weights[i], d)
+            chunk = _like(base, experts[i])[start:start + size]  # a slice indexed from 0: see _apply_delta
+            bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], keys[i], probs[i], scales[i],
+                                 divide[i], weights[i], d)
             w = weights[i]
             if consensus:
                 for k in range(size):
@@ -256,22 +258,23 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
 
 @njit(inline="always")
 def _contribution(expert, theta, start, size, mode, bounds, key, prob, scale, divide, weight, d):
-    """d[:size] = weight * rescale(mask * tau) of one expert over one chunk; returns its non-finite count."""
+    """d[:size] = weight * rescale(mask * tau) of one expert over the chunk `expert` (entries start.. of the
+    tensor); returns its non-finite count."""
     bad = 0
     if mode == MODE_DENSE:
         for k in range(size):
-            t = _decode(expert[start + k]) - theta[k]
+            t = _decode(expert[k]) - theta[k]
             bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
             d[k] = t
     elif mode == MODE_RANK:
         for k in range(size):
-            t = _decode(expert[start + k]) - theta[k]
+            t = _decode(expert[k]) - theta[k]
             a = _f32_as_bits(t) & np.uint32(ABS_MASK)
             bad += a >= np.uint32(NONFINITE)
             d[k] = t * np.float32(_kept(a, start + k, bounds))
     else:
         for k in range(size):
-            t = _decode(expert[start + k]) - theta[k]
+            t = _decode(expert[k]) - theta[k]
             bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
             d[k] = t * np.float32(uniform24(key, start + k) < prob)
     if divide:
@@ -290,11 +293,11 @@ def _store(out, j, value):
 
 
 def _store_bf16(out, j, value):
+    """Round to nearest, ties to even, as c10::BFloat16 (NaN -> 0x7FC0); branch-free, so it vectorizes."""
     bits = _f32_as_bits(value)
-    if (bits & np.uint32(ABS_MASK)) > np.uint32(NONFINITE):
-        out[j] = np.uint16(0x7FC0)  # NaN
-    else:  # round to nearest, ties to even, as c10::BFloat16
-        out[j] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (bits & np.uint32(ABS_MASK)) > np.uint32(NONFINITE)
+    out[j] = np.uint16(np.uint32(0x7FC0) if nan else rounded)
 
 
 def _store_f32(out, j, value):
@@ -318,11 +321,13 @@ def _apply_delta(base, delta, factor, period, out):
             _store(out, j, theta + delta[j])
     else:
         for row in range(base.size // period):
+            # Row slices index from 0: numba then needs no negative-index fix-up and LLVM vectorizes (10x).
+            start = row * period
+            b, d, o = base[start:start + period], delta[start:start + period], out[start:start + period]
             for c in range(period):
-                j = row * period + c
-                theta = _decode(base[j])
+                theta = _decode(b[c])
                 bad += (_f32_as_bits(theta) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
-                _store(out, j, theta + factor[c] * delta[j])
+                _store(o, c, theta + factor[c] * d[c])
     return bad
 
 
