@@ -256,10 +256,6 @@ def demo(out: Path) -> None:
     run_demo(out)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def run() -> None:
     """The `aim-ray` console entry point: `main`, then a fast exit. torch's interpreter teardown alone takes
     ~0.4 s (a tenth of a small merge); the atexit handlers still run and stdio is flushed, only module
@@ -277,3 +273,7 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

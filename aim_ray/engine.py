@@ -254,7 +254,7 @@ class CheckpointInputs:
     def expert(self, i: int) -> torch.Tensor:
         t = self._read(i)
         rows = self.job.vocab_rows
-        if rows is None or not _is_vocab_tensor(self.name) or t.shape[0] == rows:
+        if self._aligned(t.shape[0]):
             return t
         if t.shape[0] > rows:
             return t[:rows].clone()
@@ -273,10 +273,7 @@ class CheckpointInputs:
     def stored(self, i: int) -> torch.Tensor | None:
         """Tensor i (-1: the base) as stored, memory-mapped; None where vocabulary rows must be aligned."""
         ckpt = self.job.base if i < 0 else self.job.experts[i]
-        if self.job.vocab_rows is not None and _is_vocab_tensor(self.name) and (
-                ckpt.tensors[self.name].shape[0] != self.job.vocab_rows):
-            return None
-        return ckpt.read(self.name)
+        return ckpt.read(self.name) if self._aligned(ckpt.tensors[self.name].shape[0]) else None
 
     def verify_finite(self) -> None:
         if self.job.check_finite:
@@ -286,11 +283,15 @@ class CheckpointInputs:
     def _aligned_base(self) -> torch.Tensor:
         t = self._read(-1)
         rows = self.job.vocab_rows
-        if rows is None or not _is_vocab_tensor(self.name) or t.shape[0] == rows:
+        if self._aligned(t.shape[0]):
             return t
         if t.shape[0] > rows:
             return t[:rows].clone()
         return torch.cat([t, self._union_rows(t.shape[0], rows)])
+
+    def _aligned(self, rows: int) -> bool:
+        """Whether a tensor with `rows` leading rows needs no vocabulary alignment to the output."""
+        return self.job.vocab_rows is None or not _is_vocab_tensor(self.name) or rows == self.job.vocab_rows
 
     def _union_rows(self, start: int, rows: int) -> torch.Tensor:
         """Rows the base lacks: the mean of the experts that have each row."""

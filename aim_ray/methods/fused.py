@@ -2,7 +2,7 @@
 
 `fused_gta` returns the same delta as `gta_merge`'s torch path (bit for bit, but for the float64 rescale
 sums) or None when it does not apply: DELLA (per-row argsort), inputs without stored tensors (a vocabulary
-that must be aligned), mixed storage widths, or `AIM_RAY_FUSED=0` in the environment.
+that must be aligned), inputs of mixed storage formats, or `AIM_RAY_FUSED=0` in the environment.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from . import kernels as K
+from . import sparsify
 from .base import MethodParams, TensorInputs
 
 FUSED_SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random")
 _NORMS = {"l1": K.NORM_L1, "l2": K.NORM_L2, "linf": K.NORM_LINF}
-_RESCALE_EPS = np.float32(1e-7)  # as sparsify._RESCALE_EPS, compared in float32
+_RESCALE_EPS = np.float32(sparsify._RESCALE_EPS)  # compared in float32, as torch compares it
 _enabled = os.environ.get("AIM_RAY_FUSED", "1") != "0"
 
 

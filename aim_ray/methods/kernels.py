@@ -28,13 +28,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 MODE_DENSE, MODE_RANK, MODE_RANDOM = 0, 1, 2
-NORM_NONE, NORM_L1, NORM_L2, NORM_LINF = 0, 1, 2, 3
+NORM_L1, NORM_L2, NORM_LINF = 1, 2, 3
 
 ABS_MASK = 0x7FFFFFFF
 NONFINITE = 0x7F800000  # |tau| bits at or above this: Inf or NaN
 # A rank boundary (flip, threshold, cutoff): entry j with |tau| bits a is in the set iff key = a ^ flip
 # satisfies key > threshold or (key == threshold and j < cutoff). flip 0 selects the largest |tau|,
-# ABS_MASK the smallest (key = ABS_MASK - a). These two are the empty and the full set.
+# ABS_MASK the smallest (key = ABS_MASK - a). EMPTY holds no entry; (flip, 0, n) holds all n.
 EMPTY = (0, 0xFFFFFFFF, 0)
 CHUNK = 4096  # elements per combine chunk: the accumulators stay in L1/L2
 
@@ -357,8 +357,9 @@ def flat_bits(t: torch.Tensor) -> np.ndarray | None:
 FLIP_SMALLEST = ABS_MASK
 
 
-def _select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
-    """The bucket holding the count-th largest key, and how many entries to take from it."""
+def select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
+    """The bucket holding the count-th largest key (counts[b]: keys in bucket b, larger b = larger keys),
+    and how many entries to take from it. Serves the torch path's `sparsify.kth_largest` too."""
     at_or_above = np.cumsum(counts[::-1])[::-1]
     bucket = int(np.flatnonzero(at_or_above >= count)[-1])
     return bucket, count - int(at_or_above[bucket] - counts[bucket])
@@ -381,7 +382,7 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, sets: list[tuple[int, bool
             resolved.append((flip, 0, n))
         else:
             resolved.append(None)
-            bucket, take = _select_bucket(hist if largest else hist[::-1], count)
+            bucket, take = select_bucket(hist if largest else hist[::-1], count)
             pending.append((s, flip, bucket, bucket if largest else 0x7FFF - bucket, take))
     if pending:
         buckets = sorted({p[3] for p in pending}) + [-1]
@@ -394,7 +395,7 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, sets: list[tuple[int, bool
             q = buckets.index(bucket_abs)
             low = lows[offsets[q]:offsets[q + 1]]
             low_key = low if flip == 0 else 0xFFFF - low
-            sub, take = _select_bucket(np.bincount(low_key, minlength=1 << 16), take)
+            sub, take = select_bucket(np.bincount(low_key, minlength=1 << 16), take)
             ties = indices[offsets[q]:offsets[q + 1]][low_key == sub]
             resolved[s] = (flip, (bucket << 16) | sub, int(ties[take - 1]) + 1)
     while len(resolved) < 2:

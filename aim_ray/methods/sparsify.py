@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import uniform
+from .kernels import select_bucket, uniform
 
 SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 # l1 / l2 / linf: scale the kept entries so that the norm matches the unpruned one (MergeKit; l1 is its
@@ -32,18 +32,11 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
     """
     bits = w.detach().reshape(-1).contiguous().view(torch.int32)
     high = bits >> 16  # sign bit is 0: 0 <= high < 2**15
-    bucket, k = _select_bucket(torch.bincount(high, minlength=1 << 15), k)
+    bucket, k = select_bucket(torch.bincount(high, minlength=1 << 15).cpu().numpy(), k)
     low = bits[high == bucket] & 0xFFFF
-    sub, _ = _select_bucket(torch.bincount(low, minlength=1 << 16), k)
+    sub, _ = select_bucket(torch.bincount(low, minlength=1 << 16).cpu().numpy(), k)
     pattern = torch.tensor([(bucket << 16) | sub], dtype=torch.int32, device=w.device)
     return pattern.view(torch.float32)[0]
-
-
-def _select_bucket(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest element, and that element's rank inside the bucket."""
-    at_or_above = counts.flip(0).cumsum(0).flip(0)  # at_or_above[b] = #elements in buckets >= b
-    bucket = int((at_or_above >= k).nonzero()[-1])
-    return bucket, k - int(at_or_above[bucket] - counts[bucket])
 
 
 def rank_mask(w: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
