@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from aim_ray.checkpoint import OutputTensor, plan_shards, shard_filename
-from aim_ray.tiny import build_tokenizer, tiny_config
+from aim_ray.worlds.tiny import build_tokenizer, tiny_config
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_heads: int, heads: int):

@@ -40,7 +40,7 @@ from common import build_model_set  # noqa: E402
 from aim_ray import tune  # noqa: E402
 from aim_ray.checkpoint import Checkpoint  # noqa: E402
 from aim_ray.config import TuneSweepConfig  # noqa: E402
-from aim_ray.demo import calibration_text, demo_config  # noqa: E402
+from aim_ray.demo import demo_config  # noqa: E402
 from aim_ray.engine import prepare, write_delta  # noqa: E402
 from aim_ray.service import merge_from_config  # noqa: E402
 
@@ -62,11 +62,10 @@ def synthetic_config(root: Path) -> TuneSweepConfig:
 
 
 def toy_config() -> TuneSweepConfig:
-    from aim_ray.toy import build_toy_world
+    from aim_ray.worlds.toy import build_toy_world
 
     world = build_toy_world()
     cfg = demo_config(world, methods=("ties",), omegas=(OMEGA,))
-    calibration_text(world.root.parent / "demo-calibration.jsonl")
     return cfg
 
 

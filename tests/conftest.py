@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from aim_ray import toy
-from aim_ray.tiny import build_tiny_family
-from aim_ray.toy import build_toy_world
+from aim_ray.worlds import toy
+from aim_ray.worlds.tiny import build_tiny_family
+from aim_ray.worlds.toy import build_toy_world
 
 torch.set_num_threads(1)  # 2-core CI machine; keep test timings predictable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,7 +10,7 @@ from aim_ray.calibration import collect_activation_scales, collect_sensitivity_s
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.errors import ConfigError, ScalesError
 from aim_ray.scales import has_tied_embeddings
-from aim_ray.tiny import build_tiny_family
+from aim_ray.worlds.tiny import build_tiny_family
 
 CASES = {
     "llama": dict(family="llama"),

@@ -24,7 +24,7 @@ from aim_ray.calibration import (
 )
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.errors import CalibrationError
-from aim_ray.tiny import build_tiny_family
+from aim_ray.worlds.tiny import build_tiny_family
 
 WORDS = "the quick brown fox jumps over lazy dog merge experts with activation informed key value".split()
 FAMILIES = {

@@ -18,7 +18,7 @@ from aim_ray.checkpoint import (
     read_safetensors_header,
 )
 from aim_ray.errors import CheckpointError, OutputExistsError
-from aim_ray.tiny import build_model, tiny_config
+from aim_ray.worlds.tiny import build_model, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from aim_ray.config import load_merge_config
 from aim_ray.engine import PROGRESS, MergeJob, prepare, run_merge
 from aim_ray.plan import assign_shards
 from aim_ray.service import aim_for_job
-from aim_ray.tiny import build_tiny_family
+from aim_ray.worlds.tiny import build_tiny_family
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need SlowRelax, not this file
 SHARD = 20_000  # bytes: ~20 shards for the tiny Llama, so every worker gets several

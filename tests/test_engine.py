@@ -15,7 +15,7 @@ from aim_ray.checkpoint import Checkpoint
 from aim_ray.cli import main
 from aim_ray.methods import REGISTRY
 from aim_ray.methods.fused import torch_path
-from aim_ray.tiny import build_model, save_model, tiny_config
+from aim_ray.worlds.tiny import build_model, save_model, tiny_config
 
 
 def run_cli(*args: str):

@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from aim_ray import toy
 from aim_ray.errors import CheckpointError, ConfigError
 from aim_ray.evaluation import (
     PAPER_TASKS,
@@ -29,6 +28,7 @@ from aim_ray.evaluation import (
     resolve_suite,
     score_rows,
 )
+from aim_ray.worlds import toy
 
 LIMIT = 50
 
@@ -231,7 +231,7 @@ def test_vllm_backend_starts_one_engine_and_reloads_weights_in_place(toy_world):
 
 
 def test_vllm_backend_reload_for_older_vllm_and_architecture_check(toy_world, tmp_path):
-    from aim_ray.tiny import build_model, save_model, tiny_config
+    from aim_ray.worlds.tiny import build_model, save_model, tiny_config
 
     FakeLLM.instances.clear()
     backend = VLLMBackend(engine_factory=FakeLLM, lm_factory=lambda *a, **k: None, reload_api="update_config",

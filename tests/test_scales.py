@@ -13,7 +13,7 @@ from aim_ray.calibration import cached_calibrate
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.errors import ScalesError
 from aim_ray.scales import Scales, cache_dir, cache_key, expected_shapes
-from aim_ray.tiny import build_tiny_family
+from aim_ray.worlds.tiny import build_tiny_family
 
 
 @pytest.fixture(autouse=True)

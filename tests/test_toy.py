@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from aim_ray import toy, toy_tasks
 from aim_ray.evaluation import evaluate
-from aim_ray.toy import build_toy_world
+from aim_ray.worlds import toy, toy_tasks
+from aim_ray.worlds.toy import build_toy_world
 
 LIMIT = 100  # the first docs alternate easy and hard examples, so a limit keeps the mix
 

@@ -24,12 +24,13 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from aim_ray import toy, tune
+from aim_ray import tune
 from aim_ray.cli import main as cli
 from aim_ray.config import TuneSweepConfig, load_tune_config
 from aim_ray.demo import demo_config
 from aim_ray.engine import prepare
 from aim_ray.errors import ConfigError
+from aim_ray.worlds import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "analysis.ipynb"

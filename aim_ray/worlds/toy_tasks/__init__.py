@@ -11,7 +11,7 @@ context. Skills (one expert each), with an easy and a hard half:
 fine-tuning on a skill overwrites. The base is pre-trained on the easy halves, the experts on their whole skill.
 
 Evaluation sets are fixed (their own seeds); hard examples are held out from training, easy ones and the facts are
-evaluated as taught, as knowledge benchmarks do. The YAML templates next to this file become the lm-eval tasks.
+evaluated as taught, as knowledge benchmarks do. `aim_ray.worlds.tasks` writes the lm-eval tasks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from string import Template
+
+from aim_ray.worlds.tasks import write_task_yamls
 
 SKILLS = ("add", "reverse", "shift")
 GENERAL = "know"
@@ -33,7 +34,6 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _COLORS = ("red", "blue", "green", "black", "white", "pink", "gray", "gold")
 _FACT_SEED = 7
 _EVAL_SEED = 1234
-_HERE = Path(__file__).parent
 
 Example = tuple[str, str]
 
@@ -143,13 +143,4 @@ def write_data(data_dir: Path) -> dict[str, Path]:
 
 def write_yamls(tasks_dir: Path, data_dir: Path) -> list[str]:
     """Write the lm-eval YAMLs pointing at `data_dir` (absolute, as the tasks will read it); return task names."""
-    tasks_dir.mkdir(parents=True, exist_ok=True)
-    task_tmpl = Template((_HERE / "toy_task.yaml.tmpl").read_text())
-    group_tmpl = Template((_HERE / "toy_group.yaml.tmpl").read_text())
-    names = [task_name(kind) for kind in KINDS]
-    for name in names:
-        data_file = json.dumps(str(Path(data_dir).absolute() / f"{name}.jsonl"))  # a valid YAML string
-        (tasks_dir / f"{name}.yaml").write_text(task_tmpl.substitute(task=name, data_file=data_file))
-    task_list = "\n".join(f"  - {name}" for name in names)
-    (tasks_dir / f"{GROUP}.yaml").write_text(group_tmpl.substitute(group=GROUP, task_list=task_list))
-    return names
+    return write_task_yamls(tasks_dir, data_dir, [task_name(kind) for kind in KINDS], GROUP)

@@ -22,14 +22,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from aim_ray import toy_tasks
 from aim_ray.checkpoint import cache_dir
-from aim_ray.tiny import build_model, build_tokenizer, save_model, tiny_config
+from aim_ray.worlds import World, toy_tasks
+from aim_ray.worlds.tiny import build_model, build_tokenizer, save_model, tiny_config
 
 WORLD_NAME = "toy-world-v1"
 CACHE_ENV = "AIM_RAY_CACHE"  # the cache root (checkpoint.cache_dir)
@@ -47,20 +46,7 @@ _WARMUP = 20
 _PAD = 3  # tiny.tiny_config's pad_token_id
 
 
-@dataclass(frozen=True)
-class ToyWorld:
-    root: Path
-    base: Path
-    experts: dict[str, Path]  # skill -> checkpoint dir
-    tasks_dir: Path  # lm-eval include_path
-    task_names: list[str]
-    expert_for_task: dict[str, str]  # skill task -> skill (the general task has no expert)
-    general_task: str = toy_tasks.task_name(toy_tasks.GENERAL)
-    build_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> task -> greedy acc
-
-    @property
-    def models(self) -> dict[str, Path]:
-        return {"base": self.base, **self.experts}
+ToyWorld = World
 
 
 def default_cache_dir() -> Path:
@@ -100,15 +86,31 @@ def _load(root: Path) -> ToyWorld:
     tasks_dir = root / "tasks"
     if manifest["root"] != str(root):  # the cache was moved: the YAMLs hold absolute data paths
         toy_tasks.write_yamls(tasks_dir, root / "data")
-    return ToyWorld(
+    return World(
+        name="toy 2-layer Llama",
         root=root,
         base=root / "base",
         experts={s: root / "experts" / s for s in manifest["skills"]},
         tasks_dir=tasks_dir,
         task_names=list(manifest["task_names"]),
         expert_for_task=dict(manifest["expert_for_task"]),
+        general_task=toy_tasks.task_name(toy_tasks.GENERAL),
+        calibration=calibration_text(root / "calibration.jsonl"),
+        suite="toy",
         build_scores=manifest.get("build_scores", {}),
     )
+
+
+def calibration_text(path: Path, n: int = 400) -> Path:
+    """Task-agnostic calibration data for the toy world: its generic synthetic text (the role pile-val plays
+    for real models), as a local .jsonl with a `text` field. Written on first use (older caches lack it)."""
+    if not path.exists():
+        rng = random.Random(42)
+        lines = [json.dumps({"text": toy_tasks.GENERATORS["text"](rng, False)[1]}) for _ in range(n)]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+    return path
 
 
 @contextmanager
