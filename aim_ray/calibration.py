@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint, parse_dtype, sha256_file
 from .errors import CalibrationError, CheckpointError
@@ -383,7 +384,9 @@ def collect_activation_scales(base: str | os.PathLike | Checkpoint, blocks: torc
                for k, (a, b) in enumerate(ranges)]
     for runner in runners:
         runner.start_recording()
-    for batch in iter_micro_batches(blocks, micro_batch):
+    batches = tqdm(iter_micro_batches(blocks, micro_batch), total=-(-blocks.shape[0] // micro_batch),
+                   desc="calibrating", unit="batch", disable=None, leave=False)  # None: no bar without a TTY
+    for batch in batches:
         x = batch
         for runner in runners:
             x = runner.forward(x)

@@ -196,7 +196,7 @@ def relax(base: str, merged: str, scales_path: str | None, data: str, split: str
 @main.command("eval")
 @click.argument("model")
 @click.option("--suite", default="toy", show_default=True,
-              help="paper | toy | comma-separated lm-eval task names.")
+              help="paper | real | toy | comma-separated lm-eval task names.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Examples per task (quick runs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -248,12 +248,14 @@ def tune(config: Path, storage: Path, name: str, resume: bool, overwrite: bool, 
 @main.command()
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Where the demo writes its sweep, plots and best model (replaced).")
+@click.option("--world", type=click.Choice(["real", "tiny"]), default="real", show_default=True,
+              help="real: SmolLM2-135M-Instruct and 3 experts fine-tuned here; tiny: the toy world (quick).")
 @user_errors
-def demo(out: Path) -> None:
-    """Tiny world -> local Ray cluster -> calibrate -> 3 methods x 3 omegas sweep -> ranked table."""
+def demo(out: Path, world: str) -> None:
+    """World -> local Ray cluster -> calibrate -> methods x omegas sweep -> ranked table and reading."""
     from .demo import run_demo
 
-    run_demo(out)
+    run_demo(out, world=world)
 
 
 def run() -> None:

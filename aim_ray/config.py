@@ -158,6 +158,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)
+    num_actors: int | None = Field(None, gt=0)  # evaluation actors serving trials at once; default one per GPU
+    timeout_s: float = Field(3600.0, gt=0)  # one model's evaluation (a hung actor fails the trial, not the sweep)
+    cache_scores: bool = True  # a trial model with the bytes of one scored before reuses its scores
     tensor_parallel_size: int = Field(1, gt=0)
     allow_code_execution: bool = False
     include_path: str | None = None  # extra lm-eval task YAMLs
@@ -191,6 +194,7 @@ class TuneSweepConfig(_Strict):
     search: Literal["grid", "optuna"] = "grid"
     num_samples: int = Field(16, gt=0)  # optuna trials
     max_concurrent_trials: int | None = Field(None, gt=0)
+    trial_cpus: float = Field(1.0, gt=0)  # CPUs a trial reserves (relax + write; scoring runs on the eval actors)
     expert_for_task: dict[str, str] | None = None  # task -> model, for normalised performance
 
     @field_validator("models", mode="before")

@@ -78,34 +78,39 @@ def check_code_execution(tasks: Sequence[str], allow_code_execution: bool) -> No
 def resolve_suite(
     suite: str, tasks_dir: str | Path | None = None, allow_code_execution: bool = False
 ) -> tuple[list[str], str | None]:
-    """`paper` | `toy` | a comma list of lm-eval task names -> (task names, include_path for TaskManager).
+    """`paper` | `real` | `toy` | a comma list of lm-eval task names -> (task names, include_path).
 
-    `toy` without `tasks_dir` uses the cached tiny world (`aim_ray.toy.build_toy_world`, built on first use)."""
+    `real` / `toy` without `tasks_dir` use that cached world (`aim_ray.worlds`, built on first use)."""
     name = suite.strip()
     if name == "paper":
         tasks = list(PAPER_TASKS)
-    elif name == "toy":
-        return _toy_suite(tasks_dir)
+    elif name in WORLD_SUITES:
+        return _world_suite(name, tasks_dir)
     else:
         tasks = [t.strip() for t in name.split(",") if t.strip()]
         if not tasks:
-            raise ConfigError(f"--suite {suite!r}: give 'paper', 'toy' or a comma list of lm-eval task names")
+            raise ConfigError(f"--suite {suite!r}: give 'paper', 'real', 'toy' or a comma list of lm-eval task names")
     check_code_execution(tasks, allow_code_execution)
     return tasks, str(tasks_dir) if tasks_dir else None
 
 
-def _toy_suite(tasks_dir: str | Path | None) -> tuple[list[str], str]:
-    from aim_ray import toy_tasks
+WORLD_SUITES = ("real", "toy")
 
+
+def _world_suite(name: str, tasks_dir: str | Path | None) -> tuple[list[str], str]:
+    if name == "real":
+        from aim_ray.worlds import real_tasks as module
+    else:
+        from aim_ray.worlds import toy_tasks as module
     if tasks_dir is None:
-        from aim_ray.toy import build_toy_world
+        from aim_ray.worlds import load_world
 
-        world = build_toy_world()
+        world = load_world(name)
         return list(world.task_names), str(world.tasks_dir)
-    names = [toy_tasks.task_name(k) for k in toy_tasks.KINDS]
+    names = [module.task_name(k) for k in module.KINDS]
     missing = [n for n in names if not (Path(tasks_dir) / f"{n}.yaml").is_file()]
     if missing:
-        raise ConfigError(f"tasks dir {tasks_dir} has no YAML for toy task(s) {missing}")
+        raise ConfigError(f"tasks dir {tasks_dir} has no YAML for {name} task(s) {missing}")
     return names, str(tasks_dir)
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,7 @@ def trial_model(cfg: TuneSweepConfig, variant: Variant, omega: float, delta: Pat
 
 
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """The Tune trainable: relax, score on the shared evaluation actor, report every metric."""
-    import ray
+    """The Tune trainable: relax, score on a free evaluation actor of the pool, report every metric."""
     from ray import tune
 
     from .metrics import hv_gain, normalized_performance
@@ -153,7 +152,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     out = Path(ctx["models_dir"]) / f"{variant.key}-omega{omega:.3f}"
     started = time.time()
     trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out)
-    scores = ray.get(ctx["actor"].score.remote(str(out)))
+    written = time.time()
+    scores, cached = trial_scores(cfg, ctx, out)
     if not ctx["keep_models"]:
         shutil.rmtree(out, ignore_errors=True)
     tasks = ctx["tasks"]
@@ -163,8 +163,21 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     metrics.update(method=variant.method, variant=variant.label(), omega=omega,
                    hv_gain=hv_gain(population, point),
                    normalized_performance=normalized_performance(scores, ctx["expert_scores"]),
-                   seconds=time.time() - started)
+                   seconds=time.time() - started, relax_seconds=written - started,
+                   eval_seconds=0.0 if cached else time.time() - written, scores_cached=cached)
     tune.report(metrics)
+
+
+def trial_scores(cfg: TuneSweepConfig, ctx: dict[str, Any], model_dir: Path) -> tuple[dict[str, float], bool]:
+    """The model's scores, from the scores cache when a model with the same bytes was scored before under the
+    same evaluation setup (a rerun of a sweep), else from a free actor of the pool; returns (scores, cached)."""
+    file = _scores_cache(str(model_dir), ctx["eval_key"]) if cfg.eval.cache_scores else None
+    if file is not None and file.exists():
+        return json.loads(file.read_text()), True
+    scores = score_on_pool(ctx["pool"], str(model_dir), cfg.eval.timeout_s)
+    if file is not None:
+        _write_json(file, scores)
+    return scores, False
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -175,20 +188,25 @@ def _scores_cache(model: str, eval_key: str) -> Path:
     return cache_dir() / "scores" / f"{digest}.json"
 
 
-def population_scores(cfg: TuneSweepConfig, actor, eval_key: str) -> dict[str, dict[str, float]]:
-    """Scores of the base and every expert, each evaluated once ever for this eval setup (cached)."""
-    import ray
+def _write_json(file: Path, data: Any) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(file)
 
-    out = {}
-    for model in [cfg.base_model, *[m.model for m in cfg.models]]:
-        file = _scores_cache(model, eval_key)
-        if file.exists():
-            out[model] = json.loads(file.read_text())
-            continue
-        out[model] = ray.get(actor.score.remote(model))
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(out[model]))
-    return out
+
+def population_scores(cfg: TuneSweepConfig, pool: EvalPool, eval_key: str) -> dict[str, dict[str, float]]:
+    """Scores of the base and every expert, each evaluated once ever for this eval setup (cached); the ones
+    not cached yet are scored at once, spread over the pool's actors."""
+
+    models = [cfg.base_model, *[m.model for m in cfg.models]]
+    files = {m: _scores_cache(m, eval_key) for m in models}
+    todo = [m for m in models if not files[m].exists()]
+    refs = [pool.actors[i % len(pool.actors)].score.remote(m) for i, m in enumerate(todo)]
+    rounds = -(-len(todo) // len(pool.actors))  # each actor scores its models one after another
+    for model, scores in zip(todo, _get(refs, cfg.eval.timeout_s * max(rounds, 1), "scoring the population")):
+        _write_json(files[model], scores)
+    return {m: json.loads(files[m].read_text()) for m in models}
 
 
 def expert_scores(cfg: TuneSweepConfig, population: dict[str, dict[str, float]], tasks: list[str]
@@ -211,6 +229,7 @@ class SweepResult:
     plots: list[Path]
     computed: dict[str, int]
     best: dict[str, Any]
+    population: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> task -> score
 
 
 def param_space(cfg: TuneSweepConfig, variants: list[Variant]) -> dict[str, Any]:
@@ -237,10 +256,10 @@ def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
 
 def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "sweep", resume: bool = False,
               keep_models: bool = False, export_best: str | os.PathLike | None = None,
-              overwrite: bool = False, scorer_factory=None, echo=print) -> SweepResult:
+              overwrite: bool = False, scorer_factory=None, echo=print, progress: bool = False) -> SweepResult:
     """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the long-lived
     evaluation actor, the task names and the scores-cache key (default: `default_scorer`, an
-    `evaluation.EvalActor` configured by `cfg.eval`); trials get the actor's handle."""
+    `evaluation.EvalActor` pool configured by `cfg.eval`); trials take a free actor of the pool."""
     from ray import tune
 
     from .metrics import normalized_performance
@@ -267,21 +286,24 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
         echo(f"merged delta for {v.label()} ...")
         path, computed = cached_delta(cfg, v)
         deltas[v.key], merges = str(path), merges + computed
-    actor, tasks, eval_key = (scorer_factory or default_scorer)(cfg)
-    echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} (cached after the first run) ...")
-    population = population_scores(cfg, actor, eval_key)
+    pool, tasks, eval_key = (scorer_factory or default_scorer)(cfg)
+    echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} with {len(pool.actors)} "
+         f"evaluation actor(s) (cached after the first run) ...")
+    population = population_scores(cfg, pool, eval_key)
     ctx = {"config": cfg.model_dump(mode="json"), "deltas": deltas, "scales": str(scales),
-           "models_dir": str(experiment / "models"), "keep_models": keep_models, "actor": actor, "tasks": tasks,
-           "population": population, "expert_scores": expert_scores(cfg, population, tasks)}
+           "models_dir": str(experiment / "models"), "keep_models": keep_models, "pool": pool, "tasks": tasks,
+           "eval_key": eval_key, "population": population, "expert_scores": expert_scores(cfg, population, tasks)}
     normalized_performance(ctx["expert_scores"], ctx["expert_scores"])  # zero references fail here, not in trials
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    tune.PlacementGroupFactory([{"CPU": 1}]))
+                                    tune.PlacementGroupFactory([{"CPU": cfg.trial_cpus}]))
     if resume and tune.Tuner.can_restore(str(experiment)):
         echo(f"resuming {experiment}")
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
+        callbacks = [TrialProgress(_trial_count(cfg, variants))] if progress else []
         tuner = tune.Tuner(trainable, param_space=param_space(cfg, variants), tune_config=tune_config(cfg, tasks),
-                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1))
+                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0 if progress else 1,
+                                                     callbacks=callbacks))
     grid = tuner.fit()
     table = results_table(grid)
     results_path = experiment / "results.parquet"
@@ -293,7 +315,32 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
         v = next(v for v in variants if v.label() == best["variant"])
         trial_model(cfg, v, float(best["omega"]), Path(deltas[v.key]), scales, Path(export_best), overwrite)
     computed = {"calibrations": int(scales_computed), "merges": merges, "trials": len(table)}
-    return SweepResult(table, results_path, plots, computed, best)
+    return SweepResult(table, results_path, plots, computed, best, population)
+
+
+def _trial_count(cfg: TuneSweepConfig, variants: list[Variant]) -> int:
+    return cfg.num_samples if cfg.search == "optuna" else len(variants) * len(cfg.omegas)
+
+
+def TrialProgress(total: int):  # noqa: N802 (a factory: ray.tune is imported only when a sweep runs)
+    """A Tune callback drawing one progress bar (with ETA) over the sweep's trials."""
+    from ray import tune
+    from tqdm import tqdm
+
+    class _TrialProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.bar = tqdm(total=total, desc="trials", unit="trial")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.bar.close()
+
+    return _TrialProgress()
 
 
 def results_table(grid):
@@ -305,7 +352,7 @@ def results_table(grid):
         if result.error or not result.metrics:
             continue
         keep = {k: v for k, v in result.metrics.items() if k.startswith(("score/", "hv_gain", "normalized"))
-                or k in ("method", "variant", "omega", "seconds")}
+                or k in ("method", "variant", "omega", "seconds", "relax_seconds", "eval_seconds", "scores_cached")}
         rows.append({**keep, "trial_id": result.metrics.get("trial_id")})
     table = pd.DataFrame(rows)
     if len(table):
@@ -325,8 +372,59 @@ def draw_plots(table, population, tasks, out_dir: Path) -> list[Path]:
                                out_dir / "pareto.png")]
 
 
+@dataclass
+class EvalPool:
+    """Long-lived evaluation actors shared by the trials, and a queue of the free ones: a trial takes an actor
+    index, scores its model there and puts the index back, so concurrent trials never queue on one actor."""
+
+    actors: list[Any]
+    free: Any  # ray.util.queue.Queue of actor indices
+
+    @classmethod
+    def of(cls, actors: list[Any]) -> EvalPool:
+        from ray.util.queue import Queue
+
+        free = Queue(maxsize=len(actors))
+        for i in range(len(actors)):
+            free.put(i)
+        return cls(list(actors), free)
+
+
+def score_on_pool(pool: EvalPool, model_dir: str, timeout_s: float) -> dict[str, float]:
+    from ray.util.queue import Empty
+
+    try:
+        i = pool.free.get(block=True, timeout=timeout_s)
+    except Empty as e:
+        raise TimeoutError(f"no evaluation actor became free within {timeout_s:.0f} s for {model_dir}") from e
+    try:
+        return _get([pool.actors[i].score.remote(model_dir)], timeout_s, f"evaluation actor {i} on {model_dir}")[0]
+    finally:
+        pool.free.put(i)
+
+
+def _get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s") from e
+
+
+def num_eval_actors(cfg: TuneSweepConfig) -> int:
+    """`eval.num_actors`, else one per GPU the cluster has for them (one on a CPU-only setup)."""
+    import ray
+
+    if cfg.eval.num_actors:
+        return cfg.eval.num_actors
+    if cfg.eval.num_gpus > 0:
+        return max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.eval.num_gpus))
+    return 1
+
+
 def default_scorer(cfg: TuneSweepConfig):
-    """Create (or reuse) the named evaluation actor; returns (actor, task names, cache key)."""
+    """Create (or reuse) the named evaluation actors; returns (pool, task names, cache key)."""
     import ray
 
     from .evaluation import EvalActor, resolve_suite
@@ -334,16 +432,17 @@ def default_scorer(cfg: TuneSweepConfig):
     tasks, include_path = resolve_suite(cfg.eval.suite, cfg.eval.include_path, cfg.eval.allow_code_execution)
     key = json.dumps({"tasks": tasks, "limit": cfg.eval.limit, "backend": cfg.eval.backend}, sort_keys=True)
     name = eval_actor_name(json.dumps([cfg.eval.model_dump(mode="json"), tasks, include_path], sort_keys=True))
+    names = [name if i == 0 else f"{name}-{i}" for i in range(num_eval_actors(cfg))]
     for other in ray.util.list_named_actors():  # an earlier sweep's actor, set up for other tasks or limit:
-        if other.startswith(EVAL_ACTOR) and other != name:  # reusing it would score (and cache) the wrong
+        if other.startswith(EVAL_ACTOR) and other not in names:  # reusing it would score (and cache) the wrong
             ray.kill(ray.get_actor(other))  # thing; keeping it would hold the resources trials need
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}  # per-request bars would drown Tune's trial table
-    actor = EvalActor.options(name=name, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
-                              num_gpus=cfg.eval.num_gpus, runtime_env=quiet).remote(
+    actors = [EvalActor.options(name=n, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
+                                num_gpus=cfg.eval.num_gpus, runtime_env=quiet).remote(
         backend=cfg.eval.backend, tasks=tasks, include_path=include_path, limit=cfg.eval.limit,
         batch_size=cfg.eval.batch_size, tensor_parallel_size=cfg.eval.tensor_parallel_size,
-        allow_code_execution=cfg.eval.allow_code_execution)
-    return actor, tasks, key
+        allow_code_execution=cfg.eval.allow_code_execution) for n in names]
+    return EvalPool.of(actors), tasks, key
 
 
 def eval_actor_name(setup: str) -> str:
