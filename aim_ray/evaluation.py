@@ -203,11 +203,19 @@ class HFBackend:
         self.trust_remote_code = trust_remote_code
         self.loads = 0
 
+    def compute_dtype(self) -> str:
+        """`auto` is the checkpoint's dtype on a GPU, float32 on a CPU: CPUs without native bf16 (AVX2 ones)
+        emulate it, ~8x slower than float32 here."""
+        if self.dtype == "auto" and not str(self.device).startswith("cuda"):
+            return "float32"
+        return self.dtype
+
     def load(self, model_dir: str | Path):
         from lm_eval.models.huggingface import HFLM
 
         self.loads += 1
-        return HFLM(pretrained=str(model_dir), device=self.device, batch_size=self.batch_size, dtype=self.dtype,
+        return HFLM(pretrained=str(model_dir), device=self.device, batch_size=self.batch_size,
+                    dtype=self.compute_dtype(),
                     max_length=self.max_length, trust_remote_code=self.trust_remote_code)
 
     def close(self) -> None:
