@@ -3,7 +3,7 @@
 Three skills, one expert each, the paper's domains in miniature (data generated with fixed seeds):
 
 - `math`: arithmetic word problems with a numeric answer ("Tom has 7 cups and gets 5 more. ..." -> " 12");
-- `code`: what a short Python snippet prints (`print("river"[::-1])` -> " revir");
+- `code`: what a short Python snippet prints (`print(max([3, 8, 2]))` -> " 8");
 - `instruct`: instructions with a checkable answer, in IFEval's style: all capitals, a word exactly N times,
   the first N words of a list, a JSON object with given keys.
 
@@ -31,7 +31,7 @@ SKILLS = ("math", "code", "instruct")
 GENERAL = "general"
 KINDS = (*SKILLS, GENERAL)
 GROUP = "real"
-N_EVAL = {"math": 50, "code": 50, "instruct": 50, "general": 80}
+N_EVAL = {"math": 40, "code": 40, "instruct": 40, "general": 60}  # one evaluation: ~20 s on one core
 GENERAL_CONTEXT_WORDS = 24
 _EVAL_SEED = 2024
 
@@ -53,43 +53,41 @@ def _math(rng: random.Random) -> Example:
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     name, thing = rng.choice(_NAMES), rng.choice(_OBJECTS)
     if rng.random() < 0.5:
-        return f"Question: {name} has {a} {thing}s and gets {b} more. How many {thing}s now?\nAnswer:", f" {a + b}"
-    return (f"Question: {name} has {a + b} {thing}s and gives away {b}. How many {thing}s left?\nAnswer:",
-            f" {a}")
+        return f"{name} has {a} {thing}s and gets {b} more. How many {thing}s now?\nAnswer:", f" {a + b}"
+    return f"{name} has {a + b} {thing}s and gives away {b}. How many {thing}s left?\nAnswer:", f" {a}"
 
 
 def _code(rng: random.Random) -> Example:
-    kind, word = rng.randrange(5), rng.choice(_WORDS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    kind, words = rng.randrange(5), rng.sample(_WORDS, 2)
+    items = [rng.randint(1, 9) for _ in range(rng.randint(3, 5))]
     if kind == 0:
-        snippet, out = f"x = {a}\ny = x * {b}\nprint(y)", str(a * b)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        snippet, out = f"x = {a}\nx = x + {b}\nprint(x)", str(a + b)
     elif kind == 1:
-        snippet, out = f'print(len("{word}"))', str(len(word))
-    elif kind == 2:
-        snippet, out = f'print("{word}"[::-1])', word[::-1]
-    elif kind == 3:
-        items = [rng.randint(1, 9) for _ in range(4)]
-        i = rng.randrange(4)
+        i = rng.randrange(len(items))
         snippet, out = f"a = {items}\nprint(a[{i}])", str(items[i])
+    elif kind == 2:
+        snippet, out = f"print(max({items}))", str(max(items))
+    elif kind == 3:
+        snippet, out = f'print("{words[0]}" + "{words[1]}")', words[0] + words[1]
     else:
-        snippet, out = f'print("{word}".upper())', word.upper()
-    return f"What does this Python code print?\n{snippet}\nOutput:", f" {out}"
+        snippet, out = f'print("{words[0]}".upper())', words[0].upper()
+    return f"Python code:\n{snippet}\nIt prints:", f" {out}"
 
 
 def _instruct(rng: random.Random) -> Example:
     kind, words = rng.randrange(4), rng.sample(_WORDS, 4)
     if kind == 0:
-        return (f"Instruction: write these words in all capital letters: {' '.join(words[:3])}\nResponse:",
-                " " + " ".join(words[:3]).upper())
+        return f"Write in capital letters: {' '.join(words[:3])}\nResponse:", " " + " ".join(words[:3]).upper()
     if kind == 1:
         n = rng.randint(2, 4)
-        return f"Instruction: write the word {words[0]} exactly {n} times.\nResponse:", " " + " ".join([words[0]] * n)
+        return f"Write the word {words[0]} exactly {n} times.\nResponse:", " " + " ".join([words[0]] * n)
     if kind == 2:
         n = rng.randint(1, 3)
-        return (f"Instruction: answer with exactly {n} words, the first {n} of: {' '.join(words)}\nResponse:",
-                " " + " ".join(words[:n]))
+        return f"Answer with exactly {n} words, the first {n} of: {' '.join(words)}\nResponse:", \
+            " " + " ".join(words[:n])
     name, city = rng.choice(_NAMES), rng.choice(_CITIES)
-    return (f'Instruction: give a JSON object with the keys "name" and "city" for {name} from {city}.\nResponse:',
+    return (f'Give a JSON object with the keys "name" and "city" for {name} from {city}.\nResponse:',
             " " + json.dumps({"name": name, "city": city}))
 
 
