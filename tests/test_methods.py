@@ -129,7 +129,8 @@ def gta_params(method, n, seed=0):
 
 
 @pytest.mark.parametrize("data", ["randn", "duplicates", "special"])
-def test_kth_largest_and_rank_mask_match_stable_sort(data):
+def test_kth_largest_and_rank_mask_match_torch_sort(data):
+    """rank_mask keeps what MergeKit's unstable CPU sorts keep, equal values included."""
     g = torch.Generator().manual_seed(3)
     w = {"randn": torch.randn(5000, generator=g).abs(),
          "duplicates": torch.randint(0, 6, (4000,), generator=g).float() * 0.25,
@@ -137,8 +138,8 @@ def test_kth_largest_and_rank_mask_match_stable_sort(data):
                                torch.rand(500, generator=g)])}[data]
     w = w[torch.randperm(w.numel(), generator=g)]
     n = w.numel()
-    descending = torch.argsort(w, descending=True, stable=True)
-    ascending = torch.argsort(w, stable=True)
+    descending = torch.argsort(w, descending=True)
+    ascending = torch.argsort(w)
     for k in [1, 2, 17, n // 3, n // 2, n - 1, n]:
         assert kth_largest(w, k) == w[descending[k - 1]]
         expected = torch.zeros(n, dtype=torch.bool)
@@ -152,7 +153,8 @@ def test_kth_largest_and_rank_mask_match_stable_sort(data):
 def test_magnitude_keeps_exactly_k_at_equal_magnitudes():
     tau = torch.tensor([1.0, -1.0, 1.0, 2.0, -1.0, 1.0, 0.5, -2.0])
     inputs = InMemoryInputs("t", torch.zeros(8), [tau])
-    out = merge("ties", inputs, [{"weight": 1.0, "density": 0.5}])  # k = 4: both 2s, then the first two 1s
+    # k = 4: both 2s, then the first two 1s (n <= 16: torch's sort is an insertion sort, stable)
+    out = merge("ties", inputs, [{"weight": 1.0, "density": 0.5}])
     assert torch.equal(out, torch.tensor([1.0, -1.0, 0, 2.0, 0, 0, 0, -2.0]))
 
 

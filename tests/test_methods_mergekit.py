@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aim_ray.methods import get_method, resolve_params
+from aim_ray.methods import get_method, resolve_params, sparsify
 
 try:
     from tests.inmemory import InMemoryInputs
@@ -14,6 +14,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from inmemory import InMemoryInputs
 
 pytest.importorskip("mergekit")
+from mergekit import sparsify as mk_sparsify  # noqa: E402
 from mergekit.merge_methods import merge_tensors  # noqa: E402
 
 SHAPES = [("model.layers.0.self_attn.o_proj.weight", (48, 32)), ("model.norm.weight", (64,)),
@@ -93,3 +94,40 @@ def test_slerp(name, shape, t):
     for scale in (1e-3, 0.02, 0.04):  # cos ~ 1 - 5e-7, 0.9998 (linear fallback above 0.9995), 0.9992
         near = base + scale * expert
         check(ours("slerp", name, base, [near], [{}], {"t": t}), mergekit_delta("slerp", base, [near], {"t": t}))
+
+
+# ------------------------------------------------------------------ trims on bf16 inputs: ties at every boundary
+
+
+def bf16_tensors(shape, n, seed):
+    """bf16 weights (as float32) with small deltas: |tau| takes few values, so groups of equal |tau|
+    straddle every trim boundary, and sign sums cancel exactly here and there."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.05 * torch.randn(shape, generator=g)).bfloat16()
+    experts = [(base.float() + 0.01 * torch.randn(shape, generator=g)).bfloat16() for _ in range(n)]
+    return base, experts
+
+
+def stable_would_differ(w: torch.Tensor, lo: int, hi: int, descending: bool) -> bool:
+    """Whether keeping the lower index among equal values (a stable sort) keeps other entries than MergeKit's
+    sort: the inputs do exercise the tie-breaking."""
+    ours = torch.argsort(w.reshape(-1), descending=descending)[lo:hi].sort().values
+    stable = torch.argsort(w.reshape(-1), descending=descending, stable=True)[lo:hi].sort().values
+    return not torch.equal(ours, stable)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.3, 0.5, 0.8])
+@pytest.mark.parametrize("rescale", [None, "l1"])
+def test_magnitude_sparsification_equals_mergekit_on_ties(density, rescale):
+    base, (expert,) = bf16_tensors((96, 160), 1, seed=2)
+    tau = expert.float() - base.float()
+    n = tau.numel()
+    k = max(1, int(density * n))
+    assert stable_would_differ(tau.abs(), 0, k, True)
+    norm = mk_sparsify.RescaleNorm.l1 if rescale else None
+    assert torch.equal(sparsify.magnitude(tau, density, rescale), mk_sparsify.magnitude(tau, density, norm))
+    gamma = 0.05
+    n_bot = max(0, n - int(density * n) - int(gamma * n))
+    assert stable_would_differ(tau.abs(), n_bot, n_bot + int(density * n), False)
+    assert torch.equal(sparsify.magnitude_outliers(tau, density, gamma, rescale),
+                       mk_sparsify.magnitude_outliers(tau, density, norm, gamma=gamma))

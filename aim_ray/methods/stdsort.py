@@ -1,0 +1,188 @@
+"""Which entries tie-breaking keeps, as MergeKit's trims keep them on CPU.
+
+MergeKit trims with `torch.argsort(w, descending=True)[:k]` (TIES) and `torch.sort(w).indices[lo:hi]`
+(breadcrumbs) on a flat float32 tensor. PyTorch's CPU sort of a float tensor with stable=False is libstdc++'s
+`std::sort` of (value, index) pairs: an introsort (median-of-three pivot, unguarded Hoare partition, heapsort
+below a depth of 2*floor(log2 n), insertion sort of the final runs of at most 16). Unstable: which of equal
+values end up first depends on the whole input. `order_at` replays that algorithm's moves, but only inside
+the partitions that straddle a boundary of interest (a quickselect, O(n) expected), because only there can
+they change which entries land on which side. `tests/test_stdsort.py` checks the replay of the full sort
+against `torch.argsort` itself, so a PyTorch build that sorts otherwise (x86-simd-sort) fails loudly.
+
+Entries are packed as int64 `(key << 32) | index`: a comparison of keys is `x < (y & HIGH)`, and one move
+carries both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+THRESHOLD = 16  # libstdc++'s _S_threshold: runs this short are left to the final insertion sort
+HIGH = np.int64(-1 << 32)
+KEY_LIMIT = 0x7F800001  # |w| bits above this are NaNs, all equal to each other (and above +Inf) for the sort
+KEY_FLIP = 0x7FFFFFFF  # descending order = ascending order of KEY_FLIP - key
+
+
+@njit(inline="always")
+def _less(x, y):
+    return x < (y & HIGH)
+
+
+@njit(nogil=True, cache=True)
+def _insertion_sort(v, first, last):
+    """Stable: an entry moves left only past strictly greater keys."""
+    for i in range(first + 1, last):
+        x = v[i]
+        j = i
+        while j > first and _less(x, v[j - 1]):
+            v[j] = v[j - 1]
+            j -= 1
+        v[j] = x
+
+
+@njit(nogil=True, cache=True)
+def _partition_pivot(v, first, last):
+    """Median of (first+1, mid, last-1) moved to first, then the unguarded partition of [first+1, last)."""
+    a, b, c = first + 1, first + (last - first) // 2, last - 1
+    if _less(v[a], v[b]):
+        m = b if _less(v[b], v[c]) else (c if _less(v[a], v[c]) else a)
+    else:
+        m = a if _less(v[a], v[c]) else (c if _less(v[b], v[c]) else b)
+    v[first], v[m] = v[m], v[first]
+    pivot = v[first]
+    lo, hi = first + 1, last
+    while True:
+        while _less(v[lo], pivot):
+            lo += 1
+        hi -= 1
+        while _less(pivot, v[hi]):
+            hi -= 1
+        if lo >= hi:
+            return lo
+        v[lo], v[hi] = v[hi], v[lo]
+        lo += 1
+
+
+@njit(nogil=True, cache=True)
+def _sift(v, first, hole, length, x):
+    """libstdc++ __adjust_heap then __push_heap: the hole goes down to a leaf, then x climbs back up."""
+    top = hole
+    child = hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if _less(v[first + child], v[first + child - 1]):
+            child -= 1
+        v[first + hole] = v[first + child]
+        hole = child
+    if length % 2 == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        v[first + hole] = v[first + child - 1]
+        hole = child - 1
+    parent = (hole - 1) // 2
+    while hole > top and _less(v[first + parent], x):
+        v[first + hole] = v[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    v[first + hole] = x
+
+
+@njit(nogil=True, cache=True)
+def _heap_sort(v, first, last):
+    """std::partial_sort(first, last, last): make_heap, then pop the maximum to the back, repeatedly."""
+    length = last - first
+    if length < 2:
+        return
+    parent = (length - 2) // 2
+    while True:
+        _sift(v, first, parent, length, v[first + parent])
+        if parent == 0:
+            break
+        parent -= 1
+    while length > 1:
+        length -= 1
+        x = v[first + length]
+        v[first + length] = v[first]
+        _sift(v, first, 0, length, x)
+
+
+@njit(nogil=True, cache=True)
+def _introsort(v, lo, hi, full):
+    """Arrange v as std::sort would, within every partition that holds position lo or hi strictly inside
+    (all of them when `full`); a partition that does not keeps its entries on their side of both."""
+    n = v.size
+    if n < 2:
+        return
+    depth0 = 0  # 2 * floor(log2 n), libstdc++'s depth limit
+    m = n
+    while m > 1:
+        m >>= 1
+        depth0 += 2
+    stack = np.empty((2 * depth0 + 4, 3), np.int64)
+    stack[0] = (0, n, depth0)
+    top = 1
+    while top > 0:
+        top -= 1
+        first, last, depth = stack[top, 0], stack[top, 1], stack[top, 2]
+        if not (full or first < lo < last or first < hi < last):
+            continue
+        if last - first <= THRESHOLD:
+            _insertion_sort(v, first, last)  # the final insertion sort never crosses a partition's edge
+            continue
+        if depth == 0:
+            _heap_sort(v, first, last)
+            continue
+        cut = _partition_pivot(v, first, last)
+        stack[top] = (cut, last, depth - 1)
+        stack[top + 1] = (first, cut, depth - 1)
+        top += 2
+
+
+@njit(inline="always")
+def entry(a, j, descending):
+    """The packed sort entry of flat index j with |w| bits a (non-negative float32 bits)."""
+    key = min(np.int64(a), KEY_LIMIT)
+    if descending:
+        key = KEY_FLIP - key
+    return (key << 32) | np.int64(j)
+
+
+@njit(nogil=True, cache=True)
+def _pack(bits, descending, out):
+    for j in range(bits.size):
+        out[j] = entry(bits[j], j, descending)
+
+
+@njit(nogil=True, cache=True)
+def mark(v, lo, hi, out):
+    """Set bit j of the bitset `out` for each entry j at positions [lo, hi) of v."""
+    for p in range(lo, hi):
+        j = v[p] & 0xFFFFFFFF
+        out[j >> 3] |= np.uint8(1 << (j & 7))
+
+
+def pack(bits: np.ndarray, descending: bool) -> np.ndarray:
+    """The packed entries of non-negative float32 bit patterns `bits` (int32), keys in sort order."""
+    out = np.empty(bits.size, np.int64)
+    _pack(bits, descending, out)
+    return out
+
+
+def replay(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Replay std::sort on packed entries in place, at the boundaries lo and hi; returns v."""
+    _introsort(v, lo, hi, False)
+    return v
+
+
+def order_at(bits: np.ndarray, lo: int, hi: int, descending: bool) -> np.ndarray:
+    """Flat indices in an order whose slices [:lo], [lo:hi] and [hi:] hold, as sets, the same entries as
+    those of `torch.argsort(w, descending=descending)` (CPU, float32), where `bits` are w's int32 bits."""
+    return replay(pack(bits, descending), lo, hi) & 0xFFFFFFFF
+
+
+def argsort(w: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """The full replay: torch.argsort(w, descending) of a flat non-negative float32 CPU tensor."""
+    v = pack(w.reshape(-1).contiguous().view(torch.int32).numpy(), descending)
+    _introsort(v, 0, 0, True)
+    return torch.from_numpy(v & 0xFFFFFFFF)
