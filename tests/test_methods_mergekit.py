@@ -3,10 +3,13 @@ our delta must equal MergeKit's merged tensor minus the base to 1e-6."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from aim_ray.methods import get_method, resolve_params, sparsify
+from aim_ray.methods.fused import torch_path
 
 try:
     from tests.inmemory import InMemoryInputs
@@ -131,3 +134,31 @@ def test_magnitude_sparsification_equals_mergekit_on_ties(density, rescale):
     assert stable_would_differ(tau.abs(), n_bot, n_bot + int(density * n), False)
     assert torch.equal(sparsify.magnitude_outliers(tau, density, gamma, rescale),
                        mk_sparsify.magnitude_outliers(tau, density, norm, gamma=gamma))
+
+
+TRIM_CASES = [("ties", {"density": 0.5}, {}), ("ties", {"density": 0.2}, {"normalize": False, "lambda": 1.3}),
+              ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}),
+              ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}, {}),
+              ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.1}, {"rescale": True})]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("method,expert,shared", TRIM_CASES)
+def test_trimming_methods_equal_mergekit_on_bf16(method, expert, shared, n, fused):
+    """The merged tensor, base + delta in float32, equals MergeKit's bit for bit (both kernels); with l1
+    rescaling to 1e-6, as the norm sums add in another order."""
+    base, experts = bf16_tensors((128, 96), n, seed=40 + n)
+    weights = [0.7, 0.4, -0.3, 0.9][:n]
+    per = [{"weight": w, **expert} for w in weights]
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, stored_dtype=torch.bfloat16)
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, per, shared))
+    mk_params = {"weight": weights, **{k: [v] * n for k, v in expert.items()}, **shared}
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method, parameters=mk_params,
+                           base_index=0)
+    if shared.get("rescale"):
+        check(base.float() + delta, theirs)
+    else:
+        assert torch.equal(base.float() + delta, theirs)

@@ -209,6 +209,7 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
     neg = np.empty(CHUNK, np.float32)
     wpos = np.empty(CHUNK, np.float32)
     wneg = np.empty(CHUNK, np.float32)
+    signed = np.empty(CHUNK, np.float32)  # sum_i D_i in expert order: the majority sign, as MergeKit's sum
     theta = np.empty(CHUNK, np.float32)
     d = np.empty(CHUNK, np.float32)
     zero = np.float32(0.0)
@@ -224,6 +225,7 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
             neg[k] = zero
             wpos[k] = zero
             wneg[k] = zero
+            signed[k] = zero
         for i in range(experts.size):
             chunk = _like(base, experts[i])[start:start + size]  # a slice indexed from 0: see _apply_delta
             bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], bits[i], keys[i], probs[i],
@@ -232,6 +234,7 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
             if consensus:
                 for k in range(size):
                     x = d[k]
+                    signed[k] += x
                     pos[k] += max(x, zero)
                     neg[k] += min(x, zero)
                     wpos[k] += w if x > zero else zero
@@ -241,7 +244,7 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
                     pos[k] += d[k]
         if consensus:
             for k in range(size):
-                positive = pos[k] + neg[k] >= zero
+                positive = signed[k] >= zero
                 mixed = pos[k] if positive else neg[k]
                 if normalize:
                     total = wpos[k] if positive else wneg[k]
