@@ -155,11 +155,15 @@ def _pack(bits, descending, out):
 
 
 @njit(nogil=True, cache=True)
-def mark(v, lo, hi, out):
-    """Set bit j of the bitset `out` for each entry j at positions [lo, hi) of v."""
+def mark(v, lo, hi, first, last, descending, out):
+    """Set bit j of the bitset `out` for each entry j at positions [lo, hi) of v whose |w| bits are `first`
+    or `last` (the only ones a bitset must tell apart)."""
+    edge_a, edge_b = entry(first, 0, descending) & HIGH, entry(last, 0, descending) & HIGH
     for p in range(lo, hi):
-        j = v[p] & 0xFFFFFFFF
-        out[j >> 3] |= np.uint8(1 << (j & 7))
+        key = v[p] & HIGH
+        if key == edge_a or key == edge_b:
+            j = v[p] & 0xFFFFFFFF
+            out[j >> 3] |= np.uint8(1 << (j & 7))
 
 
 def pack(bits: np.ndarray, descending: bool) -> np.ndarray:
