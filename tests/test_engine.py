@@ -80,6 +80,27 @@ def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_co
     assert torch.isfinite(model.lm_head.weight).all()
 
 
+def test_output_dtype_is_out_dtype_else_dtype_else_the_bases(llama_bf16_family, make_config, tmp_path):
+    """MergeKit's rule on a bf16 base: nothing -> bf16; dtype: float32 -> float32; out_dtype wins over dtype.
+    The values are the same float32 merge, cast."""
+    base, experts = llama_bf16_family
+    per = [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]
+    cases = {"none": ({}, torch.bfloat16), "dtype": ({"dtype": "float32"}, torch.float32),
+             "out_dtype": ({"dtype": "float32", "out_dtype": "float16"}, torch.float16)}
+    written = {}
+    for label, (top, expected) in cases.items():
+        cfg = make_config("ties", base, experts, per, name=f"{label}.yaml", **top)
+        out = tmp_path / label
+        assert run_cli("merge", cfg, "--out", out, "--quiet").exit_code == 0
+        written[label] = state(out)
+        floats = {n: t.dtype for n, t in written[label].items() if t.is_floating_point()}
+        assert floats and set(floats.values()) == {expected}, (label, set(floats.values()))
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(expected).removeprefix("torch.")
+    for name, merged in written["dtype"].items():
+        assert torch.equal(written["none"][name], merged.to(torch.bfloat16)), name
+        assert torch.equal(written["out_dtype"][name], merged.to(torch.float16)), name
+
+
 def test_sharded_output_and_same_seed_same_bytes(llama_family, make_config, tmp_path):
     base, experts = llama_family
     cfg = make_config("dare_ties", base, experts, [{"weight": 1.0, "density": 0.5}] * 3)
