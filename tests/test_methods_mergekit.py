@@ -10,6 +10,7 @@ import torch
 
 from aim_ray.methods import get_method, resolve_params, sparsify
 from aim_ray.methods.fused import torch_path
+from aim_ray.methods.kernels import uniform
 
 try:
     from tests.inmemory import InMemoryInputs
@@ -162,3 +163,56 @@ def test_trimming_methods_equal_mergekit_on_bf16(method, expert, shared, n, fuse
         check(base.float() + delta, theirs)
     else:
         assert torch.equal(base.float() + delta, theirs)
+
+
+# -------------------------------------------------------------------- DARE: the same keep-mask fed to both
+
+
+class _MaskFeeder:
+    """Stands in for the `torch` module inside mergekit.sparsify: bernoulli() hands out the given masks in
+    order (MergeKit sparsifies the experts in input order), everything else is torch's."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        self.masks = list(masks)
+
+    def bernoulli(self, probs: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.pop(0)
+        assert mask.shape == probs.shape and bool((probs == probs.flatten()[0]).all())
+        return mask.to(probs.dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_rescaling_equals_mergekit_with_the_same_mask(method, n, fused, stored, monkeypatch):
+    """Density 0.5: our counter-based keep-masks injected into MergeKit's bernoulli; MergeKit's l1 rescale
+    and sums then give our merged tensor (bit for bit on the torch path; the fused path's rescale sums are
+    float64, to 1e-6)."""
+    shape = (64, 80)
+    base, experts = (bf16_tensors(shape, n, seed=60 + n) if stored == torch.bfloat16
+                     else tensors(shape, n, seed=60 + n))
+    weights = [0.7, 0.4, -0.3][:n]
+    density = 0.5
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, seed=5, stored_dtype=stored)
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, [{"weight": w, "density": density} for w in weights], {}))
+    masks = [uniform(inputs.mask_key(i), shape) < density for i in range(n)]
+    assert all(0.45 < float(k.float().mean()) < 0.55 for k in masks)
+    feeder = _MaskFeeder(masks)
+    monkeypatch.setattr(mk_sparsify, "torch", feeder)
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                           parameters={"weight": weights, "density": [density] * n}, base_index=0)
+    assert feeder.masks == []  # MergeKit drew exactly one mask per expert, ours
+    ours = base.float() + delta
+    if fused:
+        check(ours, theirs)
+    else:
+        assert torch.equal(ours, theirs)
+    unscaled = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                             parameters={"weight": weights, "density": [1.0] * n}, base_index=0)
+    assert (ours - unscaled).abs().max() > 1e-2  # the mask and the rescale did act
