@@ -174,10 +174,12 @@ class _MaskFeeder:
 
     def __init__(self, masks: list[torch.Tensor]) -> None:
         self.masks = list(masks)
+        self.probs: list[torch.Tensor] = []  # what MergeKit asked to draw from
 
     def bernoulli(self, probs: torch.Tensor) -> torch.Tensor:
         mask = self.masks.pop(0)
-        assert mask.shape == probs.shape and bool((probs == probs.flatten()[0]).all())
+        assert mask.shape == probs.shape
+        self.probs.append(probs.clone())
         return mask.to(probs.dtype)
 
     def __getattr__(self, name: str):
@@ -208,6 +210,7 @@ def test_dare_rescaling_equals_mergekit_with_the_same_mask(method, n, fused, sto
     theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method,
                            parameters={"weight": weights, "density": [density] * n}, base_index=0)
     assert feeder.masks == []  # MergeKit drew exactly one mask per expert, ours
+    assert all(bool((p == density).all()) for p in feeder.probs)
     ours = base.float() + delta
     if fused:
         check(ours, theirs)
@@ -216,3 +219,31 @@ def test_dare_rescaling_equals_mergekit_with_the_same_mask(method, n, fused, sto
     unscaled = merge_tensors([base.float(), *[e.float() for e in experts]], method,
                              parameters={"weight": weights, "density": [1.0] * n}, base_index=0)
     assert (ours - unscaled).abs().max() > 1e-2  # the mask and the rescale did act
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_probabilities_and_rescaling_equal_mergekit_with_the_same_mask(method, fused, monkeypatch):
+    """bf16 inputs (equal |tau| in every row): MergeKit's keep probabilities, seen by its bernoulli, are ours
+    exactly (its unstable argsort ranks); with our masks injected the merged tensors agree to 1e-6 (l1
+    rescale sums in another order)."""
+    shape, n, density, epsilon = (48, 200), 3, 0.5, 0.2
+    base, experts = bf16_tensors(shape, n, seed=70)
+    weights = [0.7, 0.4, -0.3]
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, seed=5,
+                            stored_dtype=torch.bfloat16)
+    per = [{"weight": w, "density": density, "epsilon": epsilon} for w in weights]
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, per, {}))
+    taus = [e.float() - base.float() for e in experts]
+    probs = [sparsify._della_probs(t, density, epsilon) for t in taus]
+    masks = [uniform(inputs.mask_key(i), shape) < probs[i] for i in range(n)]
+    feeder = _MaskFeeder(masks)
+    monkeypatch.setattr(mk_sparsify, "torch", feeder)
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                           parameters={"weight": weights, "density": [density] * n, "epsilon": [epsilon] * n},
+                           base_index=0)
+    assert feeder.masks == [] and len(feeder.probs) == n
+    assert all(torch.equal(ours, mk) for ours, mk in zip(probs, feeder.probs, strict=True))
+    check(base.float() + delta, theirs)

@@ -127,9 +127,9 @@ def bernoulli(tau: torch.Tensor, density: float, key: int, norm: str | None = No
 
 def della_magprune(tau: torch.Tensor, density: float, epsilon: float, key: int, norm: str | None = None
                    ) -> torch.Tensor:
-    """DELLA MagPrune: per row (dim 1; a 1-D tensor is one row) rank |tau| ascending (stable), map rank r of
-    n to p = density - epsilon + 2 * epsilon * r / (n - 1), keep with probability p
-    (`uniform(key, p.shape) < p`). A one-column row gets p = density."""
+    """DELLA MagPrune: per row (dim 1; a 1-D tensor is one row) rank |tau| ascending (equal values ranked as
+    MergeKit's CPU argsort ranks them), map rank r of n to p = density - epsilon + 2 * epsilon * r / (n - 1),
+    keep with probability p (`uniform(key, p.shape) < p`). A one-column row gets p = density."""
     if density >= 1:
         return tau
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -147,7 +147,7 @@ def _della_probs(rows: torch.Tensor, density: float, epsilon: float) -> torch.Te
     n = rows.shape[1]
     if n == 1:
         return torch.full_like(rows, density)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    order = torch.argsort(rows.abs(), dim=1)  # MergeKit's own (unstable) call: its ranks for equal values
     positions = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
     ranks = torch.empty_like(rows).scatter_(1, order, positions)  # rank of each entry, 0-based
     del order
