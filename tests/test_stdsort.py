@@ -1,5 +1,6 @@
 """`stdsort` replays torch's CPU sort: the full replay equals `torch.argsort` (descending and ascending) entry
-for entry on inputs full of equal values, and the boundary replay puts the same entries on each side."""
+for entry on inputs full of equal values, the heapsort fallback included (an adversarial input), and the
+boundary replay puts the same entries on each side."""
 
 from __future__ import annotations
 
@@ -57,3 +58,58 @@ def test_unstable_order_differs_from_a_stable_sort():
     """The point of the replay: on equal values torch's sort is not the stable order."""
     w = bf16_like(50_000, 3)
     assert not torch.equal(torch.argsort(w, descending=True), torch.argsort(w, descending=True, stable=True))
+
+
+def _quicksort_killer(n: int) -> np.ndarray:
+    """McIlroy's adversary ("A killer adversary for quicksort", 1999) run against the quicksort phase of
+    libstdc++'s std::sort (median of three moved to the front, unguarded partition): values that make
+    every pivot a bad one, so the real std::sort reaches its depth limit and heapsorts."""
+    gas = n
+    val = [gas] * n
+    solid, candidate = 0, 0
+
+    def less(x: int, y: int) -> bool:
+        nonlocal solid, candidate
+        if val[x] == gas and val[y] == gas:
+            val[x if x == candidate else y], solid = solid, solid + 1
+        if val[x] == gas:
+            candidate = x
+        elif val[y] == gas:
+            candidate = y
+        return val[x] < val[y]
+
+    a = list(range(n))
+    stack = [(0, n)]
+    while stack:
+        first, last = stack.pop()
+        if last - first <= stdsort.THRESHOLD:
+            continue
+        b, m, c = first + 1, first + (last - first) // 2, last - 1
+        if less(a[b], a[m]):
+            median = m if less(a[m], a[c]) else (c if less(a[b], a[c]) else b)
+        else:
+            median = b if less(a[b], a[c]) else (c if less(a[m], a[c]) else m)
+        a[first], a[median] = a[median], a[first]
+        lo, hi = first + 1, last
+        while True:
+            while less(a[lo], a[first]):
+                lo += 1
+            hi -= 1
+            while less(a[first], a[hi]):
+                hi -= 1
+            if lo >= hi:
+                break
+            a[lo], a[hi] = a[hi], a[lo]
+            lo += 1
+        stack += [(lo, last), (first, lo)]
+    return np.array([v if v != gas else n + i for i, v in enumerate(val)])
+
+
+@pytest.mark.parametrize("descending,div", [(False, 2), (True, 2), (True, 3)])
+def test_heapsort_fallback_equals_torch_argsort(descending, div):
+    """Adversarial input with equal values (killer values // div): torch heapsorts large partitions, and
+    the replay still gives its exact order."""
+    w = torch.from_numpy((_quicksort_killer(3000) // div).astype(np.float32))
+    v = stdsort.pack(w.view(torch.int32).numpy(), descending)
+    assert stdsort._introsort(v, 0, 0, True) > 100  # entries that went through the heapsort
+    assert torch.equal(torch.from_numpy(v & 0xFFFFFFFF), torch.argsort(w, descending=descending))

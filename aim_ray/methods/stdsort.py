@@ -110,10 +110,12 @@ def _heap_sort(v, first, last):
 @njit(nogil=True, cache=True)
 def _introsort(v, lo, hi, full):
     """Arrange v as std::sort would, within every partition that holds position lo or hi strictly inside
-    (all of them when `full`); a partition that does not keeps its entries on their side of both."""
+    (all of them when `full`); a partition that does not keeps its entries on their side of both. Returns
+    how many entries went through the heapsort fallback (tests drive it with an adversarial input)."""
     n = v.size
+    heaped = 0
     if n < 2:
-        return
+        return heaped
     depth0 = 0  # 2 * floor(log2 n), libstdc++'s depth limit
     m = n
     while m > 1:
@@ -132,11 +134,13 @@ def _introsort(v, lo, hi, full):
             continue
         if depth == 0:
             _heap_sort(v, first, last)
+            heaped += last - first
             continue
         cut = _partition_pivot(v, first, last)
         stack[top] = (cut, last, depth - 1)
         stack[top + 1] = (first, cut, depth - 1)
         top += 2
+    return heaped
 
 
 @njit(inline="always")
