@@ -218,7 +218,9 @@ def replay(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
 def order_at(bits: np.ndarray, lo: int, hi: int, descending: bool) -> np.ndarray:
     """Flat indices in an order whose slices [:lo], [lo:hi] and [hi:] hold, as sets, the same entries as
     those of `torch.argsort(w, descending=descending)` (CPU, float32), where `bits` are w's int32 bits."""
-    return replay(pack(bits, descending), lo, hi) & 0xFFFFFFFF
+    v = replay(pack(bits, descending), lo, hi)
+    np.bitwise_and(v, 0xFFFFFFFF, out=v)  # in place: the indices
+    return v
 
 
 def argsort(w: torch.Tensor, descending: bool = False) -> torch.Tensor:

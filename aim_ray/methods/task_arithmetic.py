@@ -77,8 +77,10 @@ def _consensus_sum(contribution: Callable[[int], torch.Tensor], weights: list[fl
     N = sum of D_i < 0. The majority sign is s = +1 where T = sum_i D_i >= 0, and sum_i [sign(D_i) == s] D_i
     is then exactly P (s = +1) or N (s = -1): the entries left out are those of the other sign and the
     pruned zeros. T is summed in expert order, as MergeKit's `deltas.sum(dim=0)` sums up to 4 experts: P + N
-    rounds differently, and where T is ~0 (bf16 deltas cancel exactly) that flips the sign. Each expert is
-    read and sparsified once instead of twice, for three more buffers.
+    rounds differently, and where T is ~0 (bf16 deltas cancel exactly) that flips the sign. (From 5 experts
+    on, torch's CPU sum regroups the terms for the columns past the last full SIMD block, by the CPU's vector
+    width; there the sign can still differ from MergeKit's where T rounds to ~0.) Each expert is read and
+    sparsified once instead of twice, for three more buffers.
     """
     pos = neg = total = wpos = wneg = None
     for i, w in enumerate(weights):
