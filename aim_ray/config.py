@@ -6,8 +6,8 @@
       - model: WizardLMTeam/WizardLM-13B-V1.2
         parameters: {weight: 1.0, density: 0.5}
     parameters: {normalize: true}
-    dtype: float32            # MergeKit's compute dtype: accepted, aim-ray always computes in float32
-    out_dtype: bfloat16       # default: the base model's dtype
+    dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
+    out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
     tokenizer_source: base    # base | union | <model path>; needed when vocabularies differ
     aim:
       omega: 0.4

@@ -105,9 +105,7 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref)
     vocab_rows, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
-    out_dtype = parse_dtype(config.out_dtype, "out_dtype") if config.out_dtype else model_dtype(base)
-    if config.dtype is not None:
-        parse_dtype(config.dtype, "dtype")  # accepted for MergeKit compatibility; compute is always float32
+    out_dtype = output_dtype(config, base)
     names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
     _check_tensor_sets(base, experts, refs, names, vocab_rows)
     n_layers = int(base.config.get("num_hidden_layers", 0))
@@ -204,6 +202,15 @@ def _check_tensor_sets(base: Checkpoint, experts: Sequence[Checkpoint], refs: Se
             if vocab_rows is not None and _is_vocab_tensor(name) and a[1:] == b[1:]:
                 continue
             raise CheckpointError(f"{ref}: tensor {name!r} has shape {tuple(b)}, the base has {tuple(a)}")
+
+
+def output_dtype(config: MergeConfig, base: Checkpoint) -> torch.dtype:
+    """MergeKit's rule: out_dtype, else dtype, else the base model's. `dtype` is MergeKit's compute dtype
+    too; aim-ray computes in float32 whatever it says (validated even when out_dtype overrides it)."""
+    compute = parse_dtype(config.dtype, "dtype") if config.dtype is not None else None
+    if config.out_dtype:
+        return parse_dtype(config.out_dtype, "out_dtype")
+    return compute if compute is not None else model_dtype(base)
 
 
 def model_dtype(ckpt: Checkpoint) -> torch.dtype:

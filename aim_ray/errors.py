@@ -24,5 +24,9 @@ class ScalesError(AimRayError):
     """A scales artifact does not match the base model it is applied to."""
 
 
+class IgnoredParameterWarning(UserWarning):
+    """A config parameter that the merge method does not use and MergeKit would ignore too."""
+
+
 class OutputExistsError(AimRayError):
     """The output directory exists and --overwrite was not given."""

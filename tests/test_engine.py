@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.cli import main
+from aim_ray.errors import IgnoredParameterWarning
 from aim_ray.methods import REGISTRY
 from aim_ray.methods.fused import torch_path
 from aim_ray.worlds.tiny import build_model, save_model, tiny_config
@@ -78,6 +79,41 @@ def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_co
     assert {n: (i.shape, i.dtype) for n, i in got.tensors.items()} == {
         n: (i.shape, i.dtype) for n, i in ref.tensors.items()}
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_output_dtype_is_out_dtype_else_dtype_else_the_bases(llama_bf16_family, make_config, tmp_path):
+    """MergeKit's rule on a bf16 base: nothing -> bf16; dtype: float32 -> float32; out_dtype wins over dtype.
+    The values are the same float32 merge, cast."""
+    base, experts = llama_bf16_family
+    per = [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]
+    cases = {"none": ({}, torch.bfloat16), "dtype": ({"dtype": "float32"}, torch.float32),
+             "out_dtype": ({"dtype": "float32", "out_dtype": "float16"}, torch.float16)}
+    written = {}
+    for label, (top, expected) in cases.items():
+        cfg = make_config("ties", base, experts, per, name=f"{label}.yaml", **top)
+        out = tmp_path / label
+        assert run_cli("merge", cfg, "--out", out, "--quiet").exit_code == 0
+        written[label] = state(out)
+        floats = {n: t.dtype for n, t in written[label].items() if t.is_floating_point()}
+        assert floats and set(floats.values()) == {expected}, (label, set(floats.values()))
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(expected).removeprefix("torch.")
+    for name, merged in written["dtype"].items():
+        assert torch.equal(written["none"][name], merged.to(torch.bfloat16)), name
+        assert torch.equal(written["out_dtype"][name], merged.to(torch.float16)), name
+
+
+def test_slerp_with_a_per_model_weight_warns_once_and_merges_as_without(llama_family, make_config, tmp_path):
+    """A MergeKit YAML with `weight` on slerp (MergeKit ignores it) merges, with one warning naming it."""
+    base, experts = llama_family
+    plain = make_config("slerp", base, experts[:1], [{}], name="plain.yaml", parameters={"t": 0.3})
+    weighted = make_config("slerp", base, experts[:1], [{"weight": 0.7}], name="w.yaml", parameters={"t": 0.3})
+    assert run_cli("merge", plain, "--out", tmp_path / "plain", "--quiet").exit_code == 0
+    with pytest.warns(IgnoredParameterWarning) as caught:
+        assert run_cli("merge", weighted, "--out", tmp_path / "w", "--quiet").exit_code == 0
+    named = [str(w.message) for w in caught if w.category is IgnoredParameterWarning]
+    assert len(named) == 1 and "parameter 'weight' (models[0])" in named[0]
+    shard = "model.safetensors"
+    assert (tmp_path / "w" / shard).read_bytes() == (tmp_path / "plain" / shard).read_bytes()
 
 
 def test_sharded_output_and_same_seed_same_bytes(llama_family, make_config, tmp_path):

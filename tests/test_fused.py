@@ -1,6 +1,6 @@
 """The fused kernels against the torch reference path: bit for bit (float32, bf16 and f16 storage, heavy ties
-at the thresholds), the rank boundaries against a stable sort, the counter-based generator against a plain
-Python SplitMix64, and the storage decoders against torch's own conversions."""
+at the thresholds), the rank boundaries against torch's own (unstable) sort, the counter-based generator
+against a plain Python SplitMix64, and the storage decoders against torch's own conversions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from aim_ray.methods import get_method, resolve_params
 from aim_ray.methods import kernels as K
 from aim_ray.methods.fused import fused_gta, torch_path
-from aim_ray.methods.sparsify import rank_mask
+from aim_ray.methods.sparsify import sorted_range_mask
 
 try:
     from tests.inmemory import InMemoryInputs
@@ -107,18 +107,15 @@ def test_fused_skips_where_it_does_not_apply():
 # --------------------------------------------------------------------------------------- rank boundaries
 
 
-def _bounds_mask(w_bits: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    j = np.arange(w_bits.size)
-
-    def member(flip, threshold, cutoff):
-        key = w_bits ^ flip
-        return (key > threshold) | ((key == threshold) & (j < cutoff))
-
-    return member(*bounds[:3]) & ~member(*bounds[3:])
+def _bounds_mask(a: np.ndarray, bounds: np.ndarray, bits: np.ndarray | None) -> np.ndarray:
+    lower, upper, all_edges = bounds
+    j = np.arange(a.size)
+    marked = np.ones(a.size, bool) if all_edges else ((bits[j >> 3] >> (j & 7)) & 1).astype(bool)
+    return ((a > lower) & (a < upper)) | (((a == lower) | (a == upper)) & marked)
 
 
 @pytest.mark.parametrize("data", ["randn", "duplicates", "special"])
-def test_rank_bounds_equal_rank_mask(data):
+def test_rank_bounds_equal_torch_sort_and_sorted_range_mask(data):
     g = torch.Generator().manual_seed(5)
     w = {"randn": torch.randn(5000, generator=g),
          "duplicates": torch.randint(-3, 4, (4000,), generator=g).float() * 0.25,
@@ -127,16 +124,17 @@ def test_rank_bounds_equal_rank_mask(data):
     w = w[torch.randperm(w.numel(), generator=g)]
     base = K.flat_bits(torch.zeros_like(w))
     tau = K.flat_bits(w)
-    a = (w.abs().view(torch.int32).numpy().astype(np.int64))
+    a = w.abs().view(torch.int32).numpy().astype(np.int64)
     n = w.numel()
-    for count in [0, 1, 2, n // 3, n // 2, n - 1, n, n + 5]:
-        for largest in (True, False):
-            bounds = K.rank_bounds(base, tau, [(count, largest)])
-            expected = rank_mask(w.abs(), min(count, n), largest=largest).numpy() if count > 0 else np.zeros(n, bool)
-            assert (_bounds_mask(a, bounds) == expected).all(), (count, largest)
-    window = K.rank_bounds(base, tau, [(n // 2, False), (n // 5, False)])
-    expected = rank_mask(w.abs(), n // 2, largest=False) & ~rank_mask(w.abs(), n // 5, largest=False)
-    assert (_bounds_mask(a, window) == expected.numpy()).all()
+    for descending in (True, False):
+        order = torch.argsort(w.abs(), descending=descending)
+        for lo, hi in [(0, 0), (0, 1), (0, n // 3), (0, n), (0, n + 5), (n // 5, n // 2), (1, n - 1), (n - 1, n),
+                       (n // 2, n // 2), (7, 4)]:
+            bounds, bits = K.rank_bounds(base, tau, lo, hi, descending)
+            expected = np.zeros(n, bool)
+            expected[order[max(lo, 0):min(hi, n)].numpy()] = True
+            assert (_bounds_mask(a, bounds, bits) == expected).all(), (lo, hi, descending)
+            assert (sorted_range_mask(w.abs(), lo, hi, descending).numpy() == expected).all(), (lo, hi)
 
 
 # -------------------------------------------------------------------------------------- random generator

@@ -4,11 +4,12 @@ argsort-based top-k), parameter resolution and validation, and streaming (memory
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from aim_ray.errors import ConfigError
+from aim_ray.errors import ConfigError, IgnoredParameterWarning
 from aim_ray.methods import REGISTRY, get_method, resolve_params
 from aim_ray.methods.kernels import uniform
 from aim_ray.methods.sparsify import kth_largest, rank_mask
@@ -129,7 +130,8 @@ def gta_params(method, n, seed=0):
 
 
 @pytest.mark.parametrize("data", ["randn", "duplicates", "special"])
-def test_kth_largest_and_rank_mask_match_stable_sort(data):
+def test_kth_largest_and_rank_mask_match_torch_sort(data):
+    """rank_mask keeps what MergeKit's unstable CPU sorts keep, equal values included."""
     g = torch.Generator().manual_seed(3)
     w = {"randn": torch.randn(5000, generator=g).abs(),
          "duplicates": torch.randint(0, 6, (4000,), generator=g).float() * 0.25,
@@ -137,8 +139,8 @@ def test_kth_largest_and_rank_mask_match_stable_sort(data):
                                torch.rand(500, generator=g)])}[data]
     w = w[torch.randperm(w.numel(), generator=g)]
     n = w.numel()
-    descending = torch.argsort(w, descending=True, stable=True)
-    ascending = torch.argsort(w, stable=True)
+    descending = torch.argsort(w, descending=True)
+    ascending = torch.argsort(w)
     for k in [1, 2, 17, n // 3, n // 2, n - 1, n]:
         assert kth_largest(w, k) == w[descending[k - 1]]
         expected = torch.zeros(n, dtype=torch.bool)
@@ -152,7 +154,8 @@ def test_kth_largest_and_rank_mask_match_stable_sort(data):
 def test_magnitude_keeps_exactly_k_at_equal_magnitudes():
     tau = torch.tensor([1.0, -1.0, 1.0, 2.0, -1.0, 1.0, 0.5, -2.0])
     inputs = InMemoryInputs("t", torch.zeros(8), [tau])
-    out = merge("ties", inputs, [{"weight": 1.0, "density": 0.5}])  # k = 4: both 2s, then the first two 1s
+    # k = 4: both 2s, then the first two 1s (n <= 16: torch's sort is an insertion sort, stable)
+    out = merge("ties", inputs, [{"weight": 1.0, "density": 0.5}])
     assert torch.equal(out, torch.tensor([1.0, -1.0, 0, 2.0, 0, 0, 0, -2.0]))
 
 
@@ -451,7 +454,6 @@ def test_per_model_parameters_default_from_global_parameters():
     ("ties", [{"weight": True}], {}, "'weight'"),
     ("ties", [{"weight": [0, 1]}], {}, "scalar"),
     ("ties", [{"weight": 1, "density": {"filter": "mlp", "value": 0.5}}], {}, "scalar"),
-    ("ties", [{"weight": 1, "lambda": 2.0}], {}, "global parameter"),
     ("ties", [{"weight": 1}], {"normalize": "yes"}, "'normalize'"),
     ("dare_ties", [{"weight": 1}], {"rescale_norm": "l3"}, "'rescale_norm'"),
     ("breadcrumbs", [{"weight": 1, "gamma": 1.0}], {}, "'gamma'"),
@@ -473,6 +475,36 @@ def test_invalid_parameters_are_rejected_with_the_option_named(method, per, shar
     with pytest.raises(ConfigError, match=method) as err:
         resolve_params(method, per, shared)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("method,per,shared,ignored", [
+    ("slerp", [{"weight": 0.5}], {"t": 0.3}, ["weight"]),
+    ("model_stock", [{"weight": 1.0}, {"weight": 0.5}, {"weight": 2.0}], {}, ["weight"]),
+    ("model_stock", [{}, {}], {"weight": 1.0}, ["weight"]),
+    ("ties", [{"weight": 1, "lambda": 2.0}, {"weight": 1, "lambda": 3.0}], {}, ["lambda"]),
+    ("linear", [{"weight": 1, "density": 0.5}, {"weight": 2}], {"gamma": 0.1}, ["gamma", "density"]),
+])
+def test_parameters_mergekit_ignores_are_ignored_with_one_warning(method, per, shared, ignored):
+    """MergeKit reads only what a method declares: the others are dropped, one warning per name (however
+    many models carry it), and the result is the same as without them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = resolve_params(method, per, shared)
+    messages = [str(w.message) for w in caught if w.category is IgnoredParameterWarning]
+    assert len(messages) == len(ignored)
+    for key, message in zip(ignored, messages, strict=True):
+        assert message.startswith(f"merge_method {method}: parameter {key!r}") and "ignored" in message
+    without = [{k: v for k, v in p.items() if k not in ignored} for p in per]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredParameterWarning)
+        assert params == resolve_params(method, without, {k: v for k, v in shared.items() if k not in ignored})
+
+
+def test_unknown_names_and_non_mergekit_methods_are_still_refused():
+    with pytest.raises(ConfigError, match="'bogus'"):
+        resolve_params("slerp", [{"bogus": 1}], {"t": 0.5})  # no MergeKit method reads it: a typo
+    with pytest.raises(ConfigError, match="'weight'"):
+        resolve_params("widen", [{"weight": 1.0}], {})  # aim-ray's own method: nothing to be compatible with
 
 
 def test_errors_name_the_model():

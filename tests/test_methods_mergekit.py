@@ -3,10 +3,14 @@ our delta must equal MergeKit's merged tensor minus the base to 1e-6."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
-from aim_ray.methods import get_method, resolve_params
+from aim_ray.methods import get_method, resolve_params, sparsify
+from aim_ray.methods.fused import torch_path
+from aim_ray.methods.kernels import uniform
 
 try:
     from tests.inmemory import InMemoryInputs
@@ -14,6 +18,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from inmemory import InMemoryInputs
 
 pytest.importorskip("mergekit")
+from mergekit import sparsify as mk_sparsify  # noqa: E402
 from mergekit.merge_methods import merge_tensors  # noqa: E402
 
 SHAPES = [("model.layers.0.self_attn.o_proj.weight", (48, 32)), ("model.norm.weight", (64,)),
@@ -93,3 +98,152 @@ def test_slerp(name, shape, t):
     for scale in (1e-3, 0.02, 0.04):  # cos ~ 1 - 5e-7, 0.9998 (linear fallback above 0.9995), 0.9992
         near = base + scale * expert
         check(ours("slerp", name, base, [near], [{}], {"t": t}), mergekit_delta("slerp", base, [near], {"t": t}))
+
+
+# ------------------------------------------------------------------ trims on bf16 inputs: ties at every boundary
+
+
+def bf16_tensors(shape, n, seed):
+    """bf16 weights (as float32) with small deltas: |tau| takes few values, so groups of equal |tau|
+    straddle every trim boundary, and sign sums cancel exactly here and there."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.05 * torch.randn(shape, generator=g)).bfloat16()
+    experts = [(base.float() + 0.01 * torch.randn(shape, generator=g)).bfloat16() for _ in range(n)]
+    return base, experts
+
+
+def stable_would_differ(w: torch.Tensor, lo: int, hi: int, descending: bool) -> bool:
+    """Whether keeping the lower index among equal values (a stable sort) keeps other entries than MergeKit's
+    sort: the inputs do exercise the tie-breaking."""
+    ours = torch.argsort(w.reshape(-1), descending=descending)[lo:hi].sort().values
+    stable = torch.argsort(w.reshape(-1), descending=descending, stable=True)[lo:hi].sort().values
+    return not torch.equal(ours, stable)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.3, 0.5, 0.8])
+@pytest.mark.parametrize("rescale", [None, "l1"])
+def test_magnitude_sparsification_equals_mergekit_on_ties(density, rescale):
+    base, (expert,) = bf16_tensors((96, 160), 1, seed=2)
+    tau = expert.float() - base.float()
+    n = tau.numel()
+    k = max(1, int(density * n))
+    assert stable_would_differ(tau.abs(), 0, k, True)
+    norm = mk_sparsify.RescaleNorm.l1 if rescale else None
+    assert torch.equal(sparsify.magnitude(tau, density, rescale), mk_sparsify.magnitude(tau, density, norm))
+    gamma = 0.05
+    n_bot = max(0, n - int(density * n) - int(gamma * n))
+    assert stable_would_differ(tau.abs(), n_bot, n_bot + int(density * n), False)
+    assert torch.equal(sparsify.magnitude_outliers(tau, density, gamma, rescale),
+                       mk_sparsify.magnitude_outliers(tau, density, norm, gamma=gamma))
+
+
+TRIM_CASES = [("ties", {"density": 0.5}, {}), ("ties", {"density": 0.2}, {"normalize": False, "lambda": 1.3}),
+              ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}),
+              ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.05}, {}),
+              ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.1}, {"rescale": True})]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("method,expert,shared", TRIM_CASES)
+def test_trimming_methods_equal_mergekit_on_bf16(method, expert, shared, n, fused):
+    """The merged tensor, base + delta in float32, equals MergeKit's bit for bit (both kernels); with l1
+    rescaling to 1e-6, as the norm sums add in another order."""
+    base, experts = bf16_tensors((128, 96), n, seed=40 + n)
+    weights = [0.7, 0.4, -0.3, 0.9][:n]
+    per = [{"weight": w, **expert} for w in weights]
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, stored_dtype=torch.bfloat16)
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, per, shared))
+    mk_params = {"weight": weights, **{k: [v] * n for k, v in expert.items()}, **shared}
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method, parameters=mk_params,
+                           base_index=0)
+    if shared.get("rescale"):
+        check(base.float() + delta, theirs)
+    else:
+        assert torch.equal(base.float() + delta, theirs)
+
+
+# -------------------------------------------------------------------- DARE: the same keep-mask fed to both
+
+
+class _MaskFeeder:
+    """Stands in for the `torch` module inside mergekit.sparsify: bernoulli() hands out the given masks in
+    order (MergeKit sparsifies the experts in input order), everything else is torch's."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        self.masks = list(masks)
+        self.probs: list[torch.Tensor] = []  # what MergeKit asked to draw from
+
+    def bernoulli(self, probs: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.pop(0)
+        assert mask.shape == probs.shape
+        self.probs.append(probs.clone())
+        return mask.to(probs.dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_rescaling_equals_mergekit_with_the_same_mask(method, n, fused, stored, monkeypatch):
+    """Density 0.5: our counter-based keep-masks injected into MergeKit's bernoulli; MergeKit's l1 rescale
+    and sums then give our merged tensor (bit for bit on the torch path; the fused path's rescale sums are
+    float64, to 1e-6)."""
+    shape = (64, 80)
+    base, experts = (bf16_tensors(shape, n, seed=60 + n) if stored == torch.bfloat16
+                     else tensors(shape, n, seed=60 + n))
+    weights = [0.7, 0.4, -0.3][:n]
+    density = 0.5
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, seed=5, stored_dtype=stored)
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, [{"weight": w, "density": density} for w in weights], {}))
+    masks = [uniform(inputs.mask_key(i), shape) < density for i in range(n)]
+    assert all(0.45 < float(k.float().mean()) < 0.55 for k in masks)
+    feeder = _MaskFeeder(masks)
+    monkeypatch.setattr(mk_sparsify, "torch", feeder)
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                           parameters={"weight": weights, "density": [density] * n}, base_index=0)
+    assert feeder.masks == []  # MergeKit drew exactly one mask per expert, ours
+    assert all(bool((p == density).all()) for p in feeder.probs)
+    ours = base.float() + delta
+    if fused:
+        check(ours, theirs)
+    else:
+        assert torch.equal(ours, theirs)
+    unscaled = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                             parameters={"weight": weights, "density": [1.0] * n}, base_index=0)
+    assert (ours - unscaled).abs().max() > 1e-2  # the mask and the rescale did act
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_probabilities_and_rescaling_equal_mergekit_with_the_same_mask(method, fused, monkeypatch):
+    """bf16 inputs (equal |tau| in every row): MergeKit's keep probabilities, seen by its bernoulli, are ours
+    exactly (its unstable argsort ranks); with our masks injected the merged tensors agree to 1e-6 (l1
+    rescale sums in another order)."""
+    shape, n, density, epsilon = (48, 200), 3, 0.5, 0.2
+    base, experts = bf16_tensors(shape, n, seed=70)
+    weights = [0.7, 0.4, -0.3]
+    m = get_method(method)
+    inputs = InMemoryInputs("model.layers.0.mlp.up_proj.weight", base, experts, seed=5,
+                            stored_dtype=torch.bfloat16)
+    per = [{"weight": w, "density": density, "epsilon": epsilon} for w in weights]
+    with nullcontext() if fused else torch_path():
+        delta = m.fn(inputs, resolve_params(m, per, {}))
+    taus = [e.float() - base.float() for e in experts]
+    probs = [sparsify._della_probs(t, density, epsilon) for t in taus]
+    masks = [uniform(inputs.mask_key(i), shape) < probs[i] for i in range(n)]
+    feeder = _MaskFeeder(masks)
+    monkeypatch.setattr(mk_sparsify, "torch", feeder)
+    theirs = merge_tensors([base.float(), *[e.float() for e in experts]], method,
+                           parameters={"weight": weights, "density": [density] * n, "epsilon": [epsilon] * n},
+                           base_index=0)
+    assert feeder.masks == [] and len(feeder.probs) == n
+    assert all(torch.equal(ours, mk) for ours, mk in zip(probs, feeder.probs, strict=True))
+    check(base.float() + delta, theirs)

@@ -5,21 +5,33 @@
 wrong types and out-of-range values rejected with a message naming the method, the model and the option.
 As in MergeKit, a per-model parameter given globally is the default for every model. Only scalar values are
 supported (not MergeKit's per-layer gradients or filter lists).
+
+MergeKit reads only the parameters a method declares and ignores the rest of the YAML. So a parameter of
+MergeKit's vocabulary (`MERGEKIT_PARAMETERS`) that a MergeKit method does not read here (a per-model `weight`
+on slerp, a global parameter under a model) is dropped with one `IgnoredParameterWarning` naming it; a name
+no MergeKit method reads is a typo and refused, as is any unknown name for aim-ray's own methods.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IgnoredParameterWarning
 from . import consensus, linear, model_stock, slerp, task_arithmetic, widen  # noqa: F401  (registration)
 from .base import REGISTRY, MergeMethod, MethodParams, ParamSpec
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodParams", "ParamSpec", "get_method", "resolve_params"]
 
 _MISSING = object()
+# Every parameter some MergeKit method declares (MergeKit 0.1.5's merge_methods registry).
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t", "filter_wise",
+    "normalize_weights", "eps", "r", "alpha", "select_topk", "nuslerp_row_wise", "nuslerp_flatten", "scale",
+    "max_iter", "tol",
+})
 
 
 def get_method(name: str) -> MergeMethod:
@@ -39,6 +51,7 @@ def resolve_params(method: MergeMethod | str, per_expert: Sequence[Mapping[str, 
     labels = [f"models[{i}]" + (f" ({expert_names[i]})" if expert_names else "")
               for i in range(len(per_expert))]
     _check_count(m, len(per_expert))
+    _drop_ignored(m, per_expert, shared, labels)
     _check_names(m, per_expert, shared, labels)
     shared_values = {p.name: _resolve(m, p, shared.get(p.name, _MISSING), "parameters")
                      for p in m.params if not p.per_expert}
@@ -80,6 +93,24 @@ def _check_names(m: MergeMethod, per_expert: list[dict], shared: dict, labels: l
             if not spec.per_expert:
                 raise ConfigError(f"merge_method {m.name}: {key!r} ({label}) is a global parameter; "
                                   f"put it under the top-level parameters")
+
+
+def _drop_ignored(m: MergeMethod, per_expert: list[dict], shared: dict, labels: list[str]) -> None:
+    """Remove (in place) the MergeKit parameters that MergeKit would ignore for `m`, one warning per name."""
+    if not m.mergekit:
+        return
+    ignored: dict[str, list[str]] = {}
+    for values, where in [(shared, "parameters"), *zip(per_expert, labels, strict=True)]:
+        for key in [k for k in values if k in MERGEKIT_PARAMETERS]:
+            spec = m.param(key)
+            if spec is None or (where != "parameters" and not spec.per_expert):
+                ignored.setdefault(key, []).append(where)
+                del values[key]
+    for key, places in ignored.items():
+        why = (f"{m.name} does not use it" if m.param(key) is None
+               else "a global parameter, read only under the top-level parameters")
+        warnings.warn(f"merge_method {m.name}: parameter {key!r} ({', '.join(places)}) is ignored: {why} "
+                      f"(MergeKit ignores it too)", IgnoredParameterWarning, stacklevel=3)
 
 
 def _resolve(m: MergeMethod, spec: ParamSpec, value: Any, where: str) -> Any:

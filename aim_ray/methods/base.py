@@ -92,6 +92,7 @@ class MergeMethod:
     reference: str = ""
     doc: str = ""
     extra_checks: tuple[Callable[[MethodParams], None], ...] = field(default_factory=tuple)
+    mergekit: bool = True  # one of MergeKit's methods: parameters MergeKit ignores are ignored with a warning
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)

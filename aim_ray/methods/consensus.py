@@ -63,6 +63,7 @@ def _check_k(params: MethodParams) -> None:
 
 register(MergeMethod(
     name="consensus_ta",
+    mergekit=False,
     fn=consensus_ta_merge,
     params=(
         ParamSpec("weight", per_expert=True, default=1.0),
@@ -77,6 +78,7 @@ register(MergeMethod(
 
 register(MergeMethod(
     name="localize_stitch",
+    mergekit=False,
     fn=localize_stitch_merge,
     params=(ParamSpec("density", per_expert=True, default=0.1, low=0.0, high=1.0, low_open=True),),
     reference="https://arxiv.org/abs/2408.13656",

@@ -21,6 +21,7 @@ from .base import MethodParams, TensorInputs
 FUSED_SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random")
 _NORMS = {"l1": K.NORM_L1, "l2": K.NORM_L2, "linf": K.NORM_LINF}
 _RESCALE_EPS = np.float32(sparsify._RESCALE_EPS)  # compared in float32, as torch compares it
+_NO_BITS = np.zeros(1, np.uint8)  # the bitset argument of an expert that needs none (never read)
 _enabled = os.environ.get("AIM_RAY_FUSED", "1") != "0"
 
 
@@ -50,7 +51,8 @@ def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | 
     n = base.size
     count = len(experts)
     modes = np.zeros(count, np.int64)
-    bounds = np.tile(np.array([*K.EMPTY, *K.EMPTY], np.int64), (count, 1))
+    bounds = np.tile(np.array(K.EMPTY, np.int64), (count, 1))
+    edge_bits: list[np.ndarray | None] = [None] * count
     keys = np.zeros(count, np.uint64)
     probs = np.ones(count, np.float32)
     scales = np.ones(count, np.float32)
@@ -66,13 +68,16 @@ def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | 
             modes[i], keys[i], probs[i] = K.MODE_RANDOM, np.uint64(inputs.mask_key(i)), np.float32(density)
         else:
             modes[i] = K.MODE_RANK
-            bounds[i] = K.rank_bounds(base, expert, _rank_sets(sparsification, n, density, p.get("gamma", 0.0)))
-        scales[i], divide[i] = _rescale(base, expert, norm, modes[i], bounds[i], keys[i], probs[i], density)
+            bounds[i], edge_bits[i] = K.rank_bounds(
+                base, expert, *_rank_range(sparsification, n, density, p.get("gamma", 0.0)))
+        own = edge_bits[i] if edge_bits[i] is not None else _NO_BITS
+        scales[i], divide[i] = _rescale(base, expert, norm, modes[i], bounds[i], own, keys[i], probs[i], density)
     lam = float(params.shared["lambda"])
     out = np.empty(n, np.float32)
     addresses = np.array([e.ctypes.data for e in experts], np.int64)  # `experts` keeps them alive
-    bad = K._combine(base, addresses, modes, bounds, keys, probs, scales, divide, weights, consensus,
-                     bool(params.shared["normalize"]), _weight_sum(params, count), np.float32(lam), lam != 1, out)
+    bad = K._combine(base, addresses, modes, bounds, _bitsets(edge_bits, n), keys, probs, scales, divide, weights,
+                     consensus, bool(params.shared["normalize"]), _weight_sum(params, count), np.float32(lam),
+                     lam != 1, out)
     if bad:
         verify = getattr(inputs, "verify_finite", None)
         if verify is not None:
@@ -97,23 +102,35 @@ def _stored_views(inputs: TensorInputs):
     return tuple(tensors[0].shape), base, experts
 
 
-def _rank_sets(sparsification: str, n: int, density: float, gamma: float) -> list[tuple[int, bool]]:
-    """sparsify.magnitude / magnitude_outliers as rank sets: kept = first set minus the second."""
+def _bitsets(edge_bits: list[np.ndarray | None], n: int) -> np.ndarray:
+    """The experts' edge bitsets as the rows of one array (zeros where unused; 1-byte rows if none is used)."""
+    if all(b is None for b in edge_bits):
+        return np.zeros((len(edge_bits), 1), np.uint8)
+    rows = np.zeros((len(edge_bits), (n + 7) // 8), np.uint8)
+    for i, b in enumerate(edge_bits):
+        if b is not None:
+            rows[i] = b
+    return rows
+
+
+def _rank_range(sparsification: str, n: int, density: float, gamma: float) -> tuple[int, int, bool]:
+    """sparsify.magnitude / magnitude_outliers as (lo, hi, descending): the kept positions of the sort."""
     if sparsification == "magnitude":
-        return [(max(1, int(density * n)), True)]
+        return 0, max(1, int(density * n)), True
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
-    return [(n_bot + target, False), (n_bot, False)]
+    return n_bot, n_bot + target, False
 
 
-def _rescale(base, expert, norm: str | None, mode: int, bounds: np.ndarray, key, prob, density: float
+def _rescale(base, expert, norm: str | None, mode: int, bounds: np.ndarray, bits: np.ndarray, key, prob,
+             density: float
              ) -> tuple[np.float32, bool]:
     """(scale, divide) as sparsify.rescaled applies them: masked / scale or masked * scale."""
     if norm is None:
         return np.float32(1.0), False
     if norm == "inverse":
         return np.float32(density), True
-    before, after = K._kept_norms(base, expert, mode, bounds, key, prob, _NORMS[norm])
+    before, after = K._kept_norms(base, expert, mode, bounds, bits, key, prob, _NORMS[norm])
     before, after = np.float32(before), np.float32(after)
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return np.float32(1.0), False

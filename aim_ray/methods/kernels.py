@@ -4,10 +4,11 @@ The plain torch path of `task_arithmetic.py` makes ~20 passes over full-size flo
 (convert, subtract, abs, compare, mask, scale, clamp, accumulate...). These kernels read each input tensor in
 its stored dtype (bf16 / f16 / f32 bits, memory-mapped) and compute tau = expert - base on the fly:
 
-- rank trimming (TIES `magnitude`, breadcrumbs `magnitude_outliers`) finds each expert's exact threshold
+- rank trimming (TIES `magnitude`, breadcrumbs `magnitude_outliers`) finds each expert's boundary keys
   with a two-level radix select on the bits of |tau|: one pass histograms the high 16 bits, a second collects
-  the (low bits, index) of the few entries in the threshold's bucket; ties at the threshold are resolved by
-  flat index, exactly as `sparsify.rank_mask` (a stable sort) does;
+  the low bits of the few entries in the boundaries' buckets. Where a boundary splits a group of equal
+  |tau|, `stdsort` replays MergeKit's (torch's CPU) sort around it and a bitset marks the kept entries of
+  the boundary groups, exactly as `sparsify.sorted_range_mask` does;
 - random trimming (DARE) draws its mask from a counter-based generator (`uniform24`), so a second pass
   redraws the same mask without storing it, and any slice of a tensor can be drawn independently;
 - one combine pass walks the tensor in cache-sized chunks, streams over the experts and accumulates the
@@ -27,15 +28,17 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import stdsort
+
 MODE_DENSE, MODE_RANK, MODE_RANDOM = 0, 1, 2
 NORM_L1, NORM_L2, NORM_LINF = 1, 2, 3
 
 ABS_MASK = 0x7FFFFFFF
 NONFINITE = 0x7F800000  # |tau| bits at or above this: Inf or NaN
-# A rank boundary (flip, threshold, cutoff): entry j with |tau| bits a is in the set iff key = a ^ flip
-# satisfies key > threshold or (key == threshold and j < cutoff). flip 0 selects the largest |tau|,
-# ABS_MASK the smallest (key = ABS_MASK - a). EMPTY holds no entry; (flip, 0, n) holds all n.
-EMPTY = (0, 0xFFFFFFFF, 0)
+# A rank set (lower, upper, all_edges): entry j with |tau| bits a is kept iff lower < a < upper, or a is
+# lower or upper and (all_edges or bit j of the expert's bitset is set). EMPTY keeps nothing, ALL all.
+EMPTY = (-1, -1, 1)
+ALL = (-1, 1 << 32, 1)
 CHUNK = 4096  # elements per combine chunk: the accumulators stay in L1/L2
 
 _GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
@@ -124,16 +127,12 @@ def uniform24(key, j):
 
 
 @njit(inline="always")
-def _member(a, j, flip, threshold, cutoff):
-    key = a ^ flip
-    return (key > threshold) | ((key == threshold) & (j < cutoff))
-
-
-@njit(inline="always")
-def _kept(a, j, bounds):
-    """In the first set of `bounds` (6 values: two boundaries) and not in the second."""
-    inner = _member(a, j, bounds[3], bounds[4], bounds[5])
-    return _member(a, j, bounds[0], bounds[1], bounds[2]) & (not inner)
+def _kept(a, j, bounds, bits):
+    """In the rank set `bounds` (see EMPTY); `bits` is read only where bounds[2] is 0."""
+    a = np.int64(a)
+    edge = (a == bounds[0]) | (a == bounds[1])
+    marked = bounds[2] != 0 or ((bits[j >> 3] >> (j & 7)) & 1) != 0
+    return ((a > bounds[0]) & (a < bounds[1])) | (edge & marked)
 
 
 # ------------------------------------------------------------------------------------------- the kernels
@@ -153,25 +152,23 @@ def _abs_histogram(base, expert, hist):
 
 
 @njit(nogil=True, cache=True)
-def _collect_buckets(base, expert, first, second, cursors, lows, indices):
-    """The low 16 bits and flat index of the entries in the high-16-bit buckets `first` and `second` (-1:
-    none), in index order, into lows / indices from cursors[0] (first) and cursors[1] (second) on."""
+def _collect_buckets(base, expert, first, second, cursors, lows):
+    """The low 16 bits of the entries in the high-16-bit buckets `first` and `second` (-1: none), into
+    lows from cursors[0] (first) and cursors[1] (second) on."""
     low_mask = np.uint32(0xFFFF)
     for j in range(base.size):
         a = _tau_bits(base, expert, j)[1]
         high = np.int64(a >> np.uint32(16))
         if high == first:
             lows[cursors[0]] = a & low_mask
-            indices[cursors[0]] = j
             cursors[0] += 1
         elif high == second:
             lows[cursors[1]] = a & low_mask
-            indices[cursors[1]] = j
             cursors[1] += 1
 
 
 @njit(nogil=True, cache=True)
-def _kept_norms(base, expert, mode, bounds, key, prob, norm):
+def _kept_norms(base, expert, mode, bounds, bits, key, prob, norm):
     """(norm of tau, norm of the kept entries), accumulated in float64, for rescaling."""
     before = 0.0
     after = 0.0
@@ -180,7 +177,7 @@ def _kept_norms(base, expert, mode, bounds, key, prob, norm):
         if mode == MODE_RANDOM:
             keep = uniform24(key, j) < prob
         else:
-            keep = _kept(a, j, bounds)
+            keep = _kept(a, j, bounds, bits)
         v = abs(np.float64(t))
         if norm == NORM_L2:
             v = v * v
@@ -198,11 +195,12 @@ def _kept_norms(base, expert, mode, bounds, key, prob, norm):
 
 
 @njit(nogil=True, cache=True)
-def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights, consensus, normalize, div, lam,
-             apply_lambda, out):
+def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, weights, consensus, normalize, div,
+             lam, apply_lambda, out):
     """delta = lambda * normalize(sum_i w_i * rescale(mask_i * tau_i)), with sign consensus or not, chunk by
     chunk. `experts`: the addresses of the experts' arrays (same shape and dtype as base). Returns the number
-    of non-finite tau entries met (Inf/NaN inputs, or an overflow).
+    of non-finite tau entries met (Inf/NaN inputs, or an overflow). `bits`: the experts' edge bitsets, rows
+    of (n + 7) // 8 bytes (or of 1 byte when no expert needs one).
 
     Every branch on the mode or an option sits outside the element loops, which stay simple enough for
     LLVM to vectorize."""
@@ -211,8 +209,10 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
     neg = np.empty(CHUNK, np.float32)
     wpos = np.empty(CHUNK, np.float32)
     wneg = np.empty(CHUNK, np.float32)
+    signed = np.empty(CHUNK, np.float32)  # sum_i D_i in expert order: the majority sign, as MergeKit's sum
     theta = np.empty(CHUNK, np.float32)
     d = np.empty(CHUNK, np.float32)
+    flag = np.empty(CHUNK, np.uint8)  # a chunk's edge bits, unpacked
     zero = np.float32(0.0)
     bad = 0
     for start in range(0, n, CHUNK):
@@ -226,14 +226,16 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
             neg[k] = zero
             wpos[k] = zero
             wneg[k] = zero
+            signed[k] = zero
         for i in range(experts.size):
             chunk = _like(base, experts[i])[start:start + size]  # a slice indexed from 0: see _apply_delta
-            bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], keys[i], probs[i], scales[i],
-                                 divide[i], weights[i], d)
+            bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], bits[i], flag, keys[i],
+                                 probs[i], scales[i], divide[i], weights[i], d)
             w = weights[i]
             if consensus:
                 for k in range(size):
                     x = d[k]
+                    signed[k] += x
                     pos[k] += max(x, zero)
                     neg[k] += min(x, zero)
                     wpos[k] += w if x > zero else zero
@@ -243,7 +245,7 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
                     pos[k] += d[k]
         if consensus:
             for k in range(size):
-                positive = pos[k] + neg[k] >= zero
+                positive = signed[k] >= zero
                 mixed = pos[k] if positive else neg[k]
                 if normalize:
                     total = wpos[k] if positive else wneg[k]
@@ -257,7 +259,7 @@ def _combine(base, experts, modes, bounds, keys, probs, scales, divide, weights,
 
 
 @njit(inline="always")
-def _contribution(expert, theta, start, size, mode, bounds, key, prob, scale, divide, weight, d):
+def _contribution(expert, theta, start, size, mode, bounds, bits, flag, key, prob, scale, divide, weight, d):
     """d[:size] = weight * rescale(mask * tau) of one expert over the chunk `expert` (entries start.. of the
     tensor); returns its non-finite count."""
     bad = 0
@@ -267,11 +269,24 @@ def _contribution(expert, theta, start, size, mode, bounds, key, prob, scale, di
             bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
             d[k] = t
     elif mode == MODE_RANK:
-        for k in range(size):
-            t = _decode(expert[k]) - theta[k]
-            a = _f32_as_bits(t) & np.uint32(ABS_MASK)
-            bad += a >= np.uint32(NONFINITE)
-            d[k] = t * np.float32(_kept(a, start + k, bounds))
+        # Two branch-free loops (LLVM vectorizes them): all entries equal to the bounds kept, or the chunk's
+        # bits unpacked first (start is a multiple of 8).
+        lower, upper = np.int64(bounds[0]), np.int64(bounds[1])
+        if bounds[2] != 0:
+            for k in range(size):
+                t = _decode(expert[k]) - theta[k]
+                a = np.int64(_f32_as_bits(t) & np.uint32(ABS_MASK))
+                bad += a >= NONFINITE
+                d[k] = t * np.float32((a >= lower) & (a <= upper))
+        else:
+            for k in range(size):
+                flag[k] = (bits[(start + k) >> 3] >> (k & 7)) & 1
+            for k in range(size):
+                t = _decode(expert[k]) - theta[k]
+                a = np.int64(_f32_as_bits(t) & np.uint32(ABS_MASK))
+                bad += a >= NONFINITE
+                edge = (a == lower) | (a == upper)
+                d[k] = t * np.float32(((a > lower) & (a < upper)) | (edge & (flag[k] != 0)))
     else:
         for k in range(size):
             t = _decode(expert[k]) - theta[k]
@@ -365,42 +380,54 @@ def select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
     return bucket, count - int(at_or_above[bucket] - counts[bucket])
 
 
-def rank_bounds(base: np.ndarray, expert: np.ndarray, sets: list[tuple[int, bool]]) -> np.ndarray:
-    """Boundaries (flip, threshold, cutoff) of up to two rank sets of |tau| = |expert - base|: each set is
-    (count, largest) = the `count` largest (or smallest) entries, lower flat index first at equal values
-    (the first `count` of a stable sort). Returns 6 int64: the first set, then the second (or EMPTY)."""
+@njit(nogil=True, cache=True)
+def _pack_abs(base, expert, descending, out):
+    """The packed `stdsort` entries of |tau|."""
+    for j in range(base.size):
+        out[j] = stdsort.entry(_tau_bits(base, expert, j)[1], j, descending)
+
+
+def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descending: bool
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rank set (see EMPTY) of the entries at positions [lo, hi) of torch's CPU argsort of |tau| =
+    |expert - base| (descending or not), as 3 int64, and the edge bitset when one is needed (else None)."""
     n = base.size
+    lo, hi = max(lo, 0), min(hi, n)
+    if hi <= lo or (lo == 0 and hi == n):
+        return np.array(EMPTY if hi <= lo else ALL, np.int64), None
     hist = np.zeros(1 << 15, np.int64)
     _abs_histogram(base, expert, hist)
-    resolved: list[tuple[int, int, int] | None] = []
-    pending = []  # (set index, flip, bucket in key space, bucket in |tau| space, to take)
-    for s, (count, largest) in enumerate(sets):
-        flip = 0 if largest else FLIP_SMALLEST
-        if count <= 0:
-            resolved.append(EMPTY)
-        elif count >= n:
-            resolved.append((flip, 0, n))
-        else:
-            resolved.append(None)
-            bucket, take = select_bucket(hist if largest else hist[::-1], count)
-            pending.append((s, flip, bucket, bucket if largest else 0x7FFF - bucket, take))
-    if pending:
-        buckets = sorted({p[3] for p in pending}) + [-1]
-        offsets = np.array([0, hist[buckets[0]], hist[buckets[0]] + (hist[buckets[1]] if buckets[1] >= 0 else 0)],
-                           np.int64)
-        lows = np.empty(int(offsets[-1]), np.int64)
-        indices = np.empty(int(offsets[-1]), np.int64)
-        _collect_buckets(base, expert, buckets[0], buckets[1], offsets[:2].copy(), lows, indices)
-        for s, flip, bucket, bucket_abs, take in pending:
-            q = buckets.index(bucket_abs)
-            low = lows[offsets[q]:offsets[q + 1]]
-            low_key = low if flip == 0 else 0xFFFF - low
-            sub, take = select_bucket(np.bincount(low_key, minlength=1 << 16), take)
-            ties = indices[offsets[q]:offsets[q + 1]][low_key == sub]
-            resolved[s] = (flip, (bucket << 16) | sub, int(ties[take - 1]) + 1)
-    while len(resolved) < 2:
-        resolved.append(EMPTY)
-    return np.array([*resolved[0], *resolved[1]], np.int64)
+    (last, take, group), (first, before, _) = _rank_keys(base, expert, hist, [hi, lo + 1], descending)
+    bounds = np.array([min(first, last), max(first, last), 1], np.int64)
+    if take == group and before == 1:
+        return bounds, None  # neither boundary splits a group of equal |tau|
+    v = np.empty(n, np.int64)
+    _pack_abs(base, expert, descending, v)
+    bits = np.zeros((n + 7) // 8, np.uint8)
+    stdsort.mark(stdsort.replay(v, lo, hi), lo, hi, first, last, descending, bits)
+    bounds[2] = 0
+    return bounds, bits
+
+
+def _rank_keys(base: np.ndarray, expert: np.ndarray, hist: np.ndarray, ranks: list[int], descending: bool
+               ) -> list[tuple[int, int, int]]:
+    """For each rank r (1 <= r <= n) in sort order: (|tau| bits of the r-th entry, how many entries of that
+    value the first r hold, how many entries have that value)."""
+    flip = 0 if descending else FLIP_SMALLEST
+    found = [select_bucket(hist if descending else hist[::-1], r) for r in ranks]
+    buckets = sorted({b if descending else 0x7FFF - b for b, _ in found}) + [-1]
+    sizes = [int(hist[b]) if b >= 0 else 0 for b in buckets[:2]]
+    offsets = np.array([0, sizes[0], sizes[0] + sizes[1]], np.int64)
+    lows = np.empty(int(offsets[-1]), np.int64)
+    _collect_buckets(base, expert, buckets[0], buckets[1], offsets[:2].copy(), lows)
+    out = []
+    for bucket, take in found:
+        q = buckets.index(bucket if descending else 0x7FFF - bucket)
+        low = lows[offsets[q]:offsets[q + 1]]
+        counts = np.bincount(low if descending else 0xFFFF - low, minlength=1 << 16)
+        sub, take = select_bucket(counts, take)
+        out.append((((bucket << 16) | sub) ^ flip, take, int(counts[sub])))
+    return out
 
 
 _OUT = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.float32, np.float32)}

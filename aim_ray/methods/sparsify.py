@@ -5,16 +5,18 @@ Trimming never sorts the whole tensor: `kth_largest` finds the threshold with a 
 the float bits (two `bincount`s, O(n)), about 6x faster than `torch.kthvalue` and 19x faster than the full
 `argsort` MergeKit uses, on 33M elements on CPU.
 
-Equal magnitudes: where several entries tie at the threshold, the ones with the lower flat index are kept,
-so the kept count is exactly the target. This is the result of a *stable* sort (descending for magnitude,
-ascending for magnitude_outliers, as MergeKit's sorts run); MergeKit's own sorts are unstable, so on exact
-ties it may pick other entries (random float weights practically never tie; bf16 ones can).
+Equal magnitudes: where several entries tie at a trim boundary, the kept count is exactly the target and
+the kept entries are MergeKit's: those its CPU sort (`torch.argsort(descending=True)` for magnitude,
+`torch.sort` ascending for magnitude_outliers, both unstable) puts inside. That order depends on the whole
+tensor, so `stdsort` replays the sort's moves around the boundary, only when a boundary does split a group
+of equal values (bf16 checkpoints: nearly every tensor; random float32 weights: practically never).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import stdsort
 from .kernels import select_bucket, uniform
 
 SPARSIFICATIONS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
@@ -40,21 +42,36 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def rank_mask(w: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
-    """Bool mask of the `count` largest (or smallest) entries of a non-negative float32 tensor; at equal
-    values the lower flat index wins, i.e. the first `count` positions of a stable sort."""
+    """Bool mask of the `count` largest (or smallest) entries of a non-negative float32 tensor, equal values
+    taken as `torch.argsort(w.flatten(), descending=largest)[:count]` takes them on CPU."""
+    return sorted_range_mask(w, 0, count, largest)
+
+
+def sorted_range_mask(w: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """Bool mask of the entries at positions [lo, hi) of `torch.argsort(w.flatten(), descending)` (CPU) of
+    a non-negative float32 tensor. The boundary keys come from the radix select; only when a boundary splits
+    a group of equal values is torch's sort replayed (`stdsort`) to tell which of them it puts inside."""
     flat = w.reshape(-1)
     n = flat.numel()
-    if count <= 0 or count >= n:
-        return torch.full(w.shape, count > 0, dtype=torch.bool, device=w.device)
-    threshold = kth_largest(flat, count if largest else n - count + 1)
-    mask = flat > threshold if largest else flat < threshold
-    ties = flat == threshold
-    need = count - int(torch.count_nonzero(mask))  # count_nonzero: much faster than bool sum()
-    if need == int(torch.count_nonzero(ties)):
-        mask |= ties
-    else:
-        mask[ties.nonzero().squeeze(1)[:need]] = True
-    return mask.view(w.shape)
+    lo, hi = max(lo, 0), min(hi, n)
+    if hi <= lo or (lo == 0 and hi == n):
+        return torch.full(w.shape, hi > lo, dtype=torch.bool, device=w.device)
+    first, last = _key_at(flat, lo, descending), _key_at(flat, hi - 1, descending)
+    lower, upper = torch.minimum(first, last), torch.maximum(first, last)
+    mask = (flat > lower) & (flat < upper)
+    edges = (flat == lower) | (flat == upper)
+    if hi - lo - int(torch.count_nonzero(mask)) == int(torch.count_nonzero(edges)):
+        return (mask | edges).view(w.shape)  # no group of equal values straddles lo or hi
+    bits = flat.detach().contiguous().cpu().view(torch.int32).numpy()
+    order = torch.from_numpy(stdsort.order_at(bits, lo, hi, descending)[lo:hi])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order] = True
+    return mask.view(w.shape).to(w.device)
+
+
+def _key_at(flat: torch.Tensor, position: int, descending: bool) -> torch.Tensor:
+    """The value at `position` of the sorted flat tensor."""
+    return kth_largest(flat, position + 1 if descending else flat.numel() - position)
 
 
 def rescaled(tau: torch.Tensor, mask: torch.Tensor, norm: str | None,
@@ -95,8 +112,7 @@ def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float, norm: st
     n = tau.numel()
     target = int(density * n)
     n_bot = max(0, n - target - int(gamma * n))
-    w = tau.abs()
-    keep = rank_mask(w, n_bot + target, largest=False) & ~rank_mask(w, n_bot, largest=False)
+    keep = sorted_range_mask(tau.abs(), n_bot, n_bot + target, descending=False)
     return rescaled(tau, keep, norm, density)
 
 
@@ -111,9 +127,9 @@ def bernoulli(tau: torch.Tensor, density: float, key: int, norm: str | None = No
 
 def della_magprune(tau: torch.Tensor, density: float, epsilon: float, key: int, norm: str | None = None
                    ) -> torch.Tensor:
-    """DELLA MagPrune: per row (dim 1; a 1-D tensor is one row) rank |tau| ascending (stable), map rank r of
-    n to p = density - epsilon + 2 * epsilon * r / (n - 1), keep with probability p
-    (`uniform(key, p.shape) < p`). A one-column row gets p = density."""
+    """DELLA MagPrune: per row (dim 1; a 1-D tensor is one row) rank |tau| ascending (equal values ranked as
+    MergeKit's CPU argsort ranks them), map rank r of n to p = density - epsilon + 2 * epsilon * r / (n - 1),
+    keep with probability p (`uniform(key, p.shape) < p`). A one-column row gets p = density."""
     if density >= 1:
         return tau
     if not (0 < density - epsilon and density + epsilon < 1):
@@ -131,7 +147,7 @@ def _della_probs(rows: torch.Tensor, density: float, epsilon: float) -> torch.Te
     n = rows.shape[1]
     if n == 1:
         return torch.full_like(rows, density)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    order = torch.argsort(rows.abs(), dim=1)  # MergeKit's own (unstable) call: its ranks for equal values
     positions = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
     ranks = torch.empty_like(rows).scatter_(1, order, positions)  # rank of each entry, 0-based
     del order

@@ -2,8 +2,8 @@
 dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear.
 
     d_i = sparsify(tau_i); D_i = w_i * d_i
-    sign consensus ('sum'): s = +1 where sum_i D_i >= 0 else -1; M_i = sign(D_i) == s (pruned zeros never
-        match); mixed = sum_i M_i D_i; div = sum_i M_i w_i (0 -> 1)
+    sign consensus ('sum'): s = +1 where sum_i D_i (in expert order) >= 0 else -1; M_i = sign(D_i) == s
+        (pruned zeros never match); mixed = sum_i M_i D_i; div = sum_i M_i w_i (0 -> 1)
     otherwise: mixed = sum_i D_i; div = sum_i w_i (|div| < 1e-8 -> 1)
     normalize: mixed /= div; then mixed *= lambda
 
@@ -74,24 +74,30 @@ def _consensus_sum(contribution: Callable[[int], torch.Tensor], weights: list[fl
     """Sign consensus in one pass over the experts. Returns (mixed, div).
 
     The positive and the negative contributions (and their weights) are summed apart: P = sum of D_i > 0,
-    N = sum of D_i < 0. The majority sign is s = +1 where P + N >= 0, and sum_i [sign(D_i) == s] D_i is
-    then exactly P (s = +1) or N (s = -1): the entries left out are those of the other sign and the pruned
-    zeros. Each expert is read and sparsified once instead of twice, for two more buffers.
+    N = sum of D_i < 0. The majority sign is s = +1 where T = sum_i D_i >= 0, and sum_i [sign(D_i) == s] D_i
+    is then exactly P (s = +1) or N (s = -1): the entries left out are those of the other sign and the
+    pruned zeros. T is summed in expert order, as MergeKit's `deltas.sum(dim=0)` sums up to 4 experts: P + N
+    rounds differently, and where T is ~0 (bf16 deltas cancel exactly) that flips the sign. (From 5 experts
+    on, torch's CPU sum regroups the terms for the columns past the last full SIMD block, by the CPU's vector
+    width; there the sign can still differ from MergeKit's where T rounds to ~0.) Each expert is read and
+    sparsified once instead of twice, for three more buffers.
     """
-    pos = neg = wpos = wneg = None
+    pos = neg = total = wpos = wneg = None
     for i, w in enumerate(weights):
         d = contribution(i)
         if pos is None:
-            pos, neg = torch.zeros_like(d), torch.zeros_like(d)
+            pos, neg, total = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
             if normalize:
                 wpos, wneg = torch.zeros_like(d), torch.zeros_like(d)
         if normalize:
             wpos.add_(d > 0, alpha=w)
             wneg.add_(d < 0, alpha=w)
+        total.add_(d)
         pos.add_(d.clamp(min=0))
         neg.add_(d.clamp_(max=0))
         del d
-    majority_positive = torch.add(pos, neg) >= 0
+    majority_positive = total >= 0
+    del total
     mixed = torch.where(majority_positive, pos, neg)
     if not normalize:
         return mixed, torch.ones(())

@@ -78,6 +78,7 @@ def _widen_elementwise(inputs: TensorInputs, ratio: float, calibration: float) -
 
 register(MergeMethod(
     name="widen",
+    mergekit=False,
     fn=widen_merge,
     params=(
         ParamSpec("above_average_value_ratio", per_expert=False, default=1.0),
