@@ -68,7 +68,7 @@ def parameter_count(model_dir: Path) -> int:
     from .checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(model_dir)
-    return sum(ckpt.info(n).numel for n in ckpt.names)
+    return sum(ckpt.info(n).numel for n in ckpt.names())
 
 
 def run_demo(out: Path, world: str = "real", overwrite: bool = True) -> Any:

@@ -384,7 +384,7 @@ class EvalPool:
     def of(cls, actors: list[Any]) -> EvalPool:
         from ray.util.queue import Queue
 
-        free = Queue(maxsize=len(actors))
+        free = Queue(maxsize=len(actors), actor_options={"num_cpus": 0})  # reserves no CPU a trial needs
         for i in range(len(actors)):
             free.put(i)
         return cls(list(actors), free)

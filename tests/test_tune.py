@@ -55,9 +55,10 @@ def cluster(toy_world, tmp_path_factory):
 
 def config(world, **changes) -> TuneSweepConfig:
     """The demo's config, smaller: 2 methods x 2 omegas, few calibration blocks, LIMIT examples per task."""
-    data = demo_config(world, METHODS, OMEGAS).model_dump(mode="json")
+    data = demo_config(world, methods=METHODS, omegas=OMEGAS).model_dump(mode="json")
     data["calibration"].update(n_samples=64, block_size=32)
-    data["eval"].update(limit=LIMIT, include_path=str(world.tasks_dir))  # not the default world's tasks
+    # not the default world's tasks; trial scores not cached, so the spy sees every evaluation a sweep asks for
+    data["eval"].update(limit=LIMIT, include_path=str(world.tasks_dir), cache_scores=False)
     return TuneSweepConfig.model_validate({**data, **changes})
 
 
@@ -181,6 +182,24 @@ def test_second_sweep_recomputes_nothing_and_scores_the_population_once(first, t
     cols = [c for c in result.table.columns if c.startswith("score/") or c in ("hv_gain", *key)]
     assert again.table[cols].sort_values(key).reset_index(drop=True).equals(
         result.table[cols].sort_values(key).reset_index(drop=True))
+
+
+def test_cached_trial_scores_serve_a_rerun_without_evaluating(first, toy_world):
+    """With eval.cache_scores, a trial model with the bytes of one scored before takes its scores from the
+    cache: the rerun evaluates nothing and ranks the same trials with the same scores."""
+    cfg, storage, result, _ = first
+    cached = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"cache_scores": True})})
+    before = len(evaluated())
+    fresh = tune.sweep(cached, storage, name="cache-a", echo=lambda *_: None)
+    assert len(evaluated()) == before + len(METHODS) * len(OMEGAS) and not fresh.table["scores_cached"].any()
+    rerun = tune.sweep(cached, storage, name="cache-b", echo=lambda *_: None)
+    assert len(evaluated()) == before + len(METHODS) * len(OMEGAS)  # nothing evaluated again
+    assert rerun.table["scores_cached"].all() and (rerun.table["eval_seconds"] == 0).all()
+    key = ["variant", "omega"]
+    cols = [c for c in result.table.columns if c.startswith("score/") or c in ("hv_gain", *key)]
+    for table in (fresh.table, rerun.table):  # = the uncached first sweep's scores
+        assert table[cols].sort_values(key).reset_index(drop=True).equals(
+            result.table[cols].sort_values(key).reset_index(drop=True))
 
 
 def test_resume_reruns_only_the_trials_that_did_not_finish(first, toy_world):

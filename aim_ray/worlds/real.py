@@ -32,12 +32,12 @@ from aim_ray.worlds.smollm2 import smollm2_checkpoint
 WORLD_NAME = "real-world-v1"
 MANIFEST = "world.json"
 # Steps and learning rates per expert: enough for each to beat the base by 40+ points on its task while the whole
-# world builds in a few minutes on 2 cores (about 5.5 s per step with two trainings side by side). Measured here:
+# world builds in about 3.5 minutes on 2 cores (three trainings side by side, about 3 s per step in all). Measured:
 # at lr 5e-4 and above the math expert wrecks the base (general ability 0.46 -> 0.39 at 5e-4, 0.03 at 1e-3)
 # before it learns its skill; at 1e-4 it reaches 0.82.
 RECIPE = {"batch_size": 16, "warmup": 5, "seed": 1, "max_grad_norm": 1.0,
           "lr": {"math": 1e-4, "code": 2e-4, "instruct": 1e-4},
-          "steps": {"math": 36, "code": 30, "instruct": 16}}
+          "steps": {"math": 32, "code": 24, "instruct": 12}}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                  "manifest.json")
 

@@ -31,8 +31,8 @@ SKILLS = ("math", "code", "instruct")
 GENERAL = "general"
 KINDS = (*SKILLS, GENERAL)
 GROUP = "real"
-N_EVAL = {"math": 40, "code": 40, "instruct": 40, "general": 60}  # one evaluation: ~20 s on one core
-GENERAL_CONTEXT_WORDS = 24
+N_EVAL = {"math": 40, "code": 40, "instruct": 40, "general": 50}  # one evaluation: ~20 s on one core
+GENERAL_CONTEXT_WORDS = 20
 _EVAL_SEED = 2024
 
 Example = tuple[str, str]
