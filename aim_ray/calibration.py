@@ -255,7 +255,7 @@ class StageRunner:
             for i in range(self.layer_start, self.layer_end):
                 h = self.modules[f"model.layers.{i}"](
                     h, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
-                    past_key_values=None, use_cache=False, position_embeddings=position_embeddings)
+                    use_cache=False, position_embeddings=position_embeddings)
         if self.is_last:
             h = self.modules["lm_head"](self.modules["model.norm"](h))
         return h
@@ -289,7 +289,7 @@ class StageRunner:
                 raise CalibrationError(f"{self.checkpoint.path}: attention layer type {kind!r} is not "
                                        f"supported")
             masks[kind] = builders[kind](config=self.config, inputs_embeds=h, attention_mask=None,
-                                         past_key_values=None, position_ids=position_ids)
+                                         position_ids=position_ids, **_no_cache(builders[kind]))
         return masks
 
     # -- scales -------------------------------------------------------------------------------------------
@@ -353,6 +353,14 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _no_cache(mask_builder: Callable) -> dict[str, None]:
+    """The mask builders' no-KV-cache argument: `cache` since transformers 5.24, `past_key_values` before
+    (deprecated in 5.24, removed in 5.40)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(mask_builder).parameters else "past_key_values": None}
 
 
 def iter_micro_batches(blocks: torch.Tensor, micro_batch: int) -> Iterator[torch.Tensor]:
