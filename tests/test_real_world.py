@@ -101,10 +101,12 @@ def perplexity(model_dir: Path, texts: list[str]) -> float:
     return math.exp(nll / count)
 
 
+PROSE = real_tasks.calibration_texts()[:8]  # passages of Python's documentation, 256 tokens each
+
+
 def test_dequantized_base_is_a_working_language_model(real_world):
-    """Perplexity on documentation prose the world never trains on (a random LM would be ~49152)."""
-    texts = [t for t, _ in real_tasks.eval_examples("general")[:8]]
-    assert perplexity(real_world.base, texts) < 40
+    """Perplexity on documentation prose (measured 22.8; a random LM over 49152 tokens would be ~49152)."""
+    assert perplexity(real_world.base, PROSE) < 30
 
 
 # ------------------------------------------------------------------------------------------------ scales
@@ -134,8 +136,8 @@ def test_scales_equal_an_independent_full_model_hook_computation(real_world, sca
         for i in range(0, len(blocks), CAL["micro_batch"]):
             model(input_ids=blocks[i : i + CAL["micro_batch"]])
     got = Scales.load(scales).tensors
-    expected = {f"{name}.weight": s / s.max() for name, s in sums.items()}
-    assert set(got) == set(expected) and "lm_head.weight" in got and len(got) == 30 * 9 + 2
+    expected = {name: s / s.max() for name, s in sums.items()}  # keyed by module, as the artifact
+    assert set(got) == set(expected) and "lm_head" in got and len(got) == 30 * 9 + 2
     for name, want in expected.items():
         torch.testing.assert_close(got[name] / got[name].max(), want, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -193,7 +195,7 @@ def test_tied_embedding_is_relaxed_with_lm_head_scales_and_recorded(real_world, 
     name = "model.embed_tokens.weight"
     base = read_all(real_world.base)[name].float()
     delta = read_all(outs[1.0])[name] - base
-    head = Scales.load(scales).tensors["lm_head.weight"]
+    head = Scales.load(scales).tensors["lm_head"]
     factor = 1 - (head / head.max()) * (1 - 0.4)
     got = read_all(outs[0.4])[name]
     assert delta.abs().max() > 1e-3 and factor.min() == pytest.approx(0.4)
@@ -207,7 +209,7 @@ def test_tied_embedding_is_relaxed_with_lm_head_scales_and_recorded(real_world, 
             assert "lm_head" in f.metadata()["aim_note"]
 
 
-def test_relaxed_model_loads_with_transformers_and_generates_text(merged):
+def test_relaxed_model_loads_with_transformers_and_generates_text(real_world, merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged[1])
@@ -217,8 +219,7 @@ def test_relaxed_model_loads_with_transformers_and_generates_text(merged):
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
-    texts = [t for t, _ in real_tasks.eval_examples("general")[:8]]
-    assert perplexity(merged[1], texts) < 200  # still a language model, not noise
+    assert perplexity(merged[1], PROSE) < 2 * perplexity(real_world.base, PROSE)  # still the base's kind of LM
 
 
 # ------------------------------------------------------------------------------------------------ experts

