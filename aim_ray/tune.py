@@ -423,6 +423,9 @@ def num_eval_actors(cfg: TuneSweepConfig) -> int:
     return 1
 
 
+_DRIVER_SIDE_EVAL_OPTIONS = {"num_actors", "timeout_s", "cache_scores"}  # change no actor: reuse the actors
+
+
 def default_scorer(cfg: TuneSweepConfig):
     """Create (or reuse) the named evaluation actors; returns (pool, task names, cache key)."""
     import ray
@@ -431,7 +434,8 @@ def default_scorer(cfg: TuneSweepConfig):
 
     tasks, include_path = resolve_suite(cfg.eval.suite, cfg.eval.include_path, cfg.eval.allow_code_execution)
     key = json.dumps({"tasks": tasks, "limit": cfg.eval.limit, "backend": cfg.eval.backend}, sort_keys=True)
-    name = eval_actor_name(json.dumps([cfg.eval.model_dump(mode="json"), tasks, include_path], sort_keys=True))
+    setup = cfg.eval.model_dump(mode="json", exclude=_DRIVER_SIDE_EVAL_OPTIONS)  # what each actor is built with
+    name = eval_actor_name(json.dumps([setup, tasks, include_path], sort_keys=True))
     names = [name if i == 0 else f"{name}-{i}" for i in range(num_eval_actors(cfg))]
     for other in ray.util.list_named_actors():  # an earlier sweep's actor, set up for other tasks or limit:
         if other.startswith(EVAL_ACTOR) and other not in names:  # reusing it would score (and cache) the wrong
