@@ -9,6 +9,10 @@ A world is a base checkpoint, experts fine-tuned from it, lm-eval tasks that sco
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +34,30 @@ class World:
     @property
     def models(self) -> dict[str, Path]:
         return {"base": self.base, **self.experts}
+
+
+def build_atomically(final: Path, marker: str, build: Callable[[Path], None], force: bool = False) -> Path:
+    """`final`, made by `build(tmp)` in a temporary sibling directory and renamed into place when complete, so
+    an interrupted build never looks cached. A directory holding `marker` is complete (returned as it is unless
+    `force`); one without it is debris of an interrupted or foreign build and is replaced."""
+    if not force and (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        if final.exists() and (force or not (final / marker).is_file()):
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():  # lost a race to a concurrent build: use its result
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def load_world(name: str, echo=print) -> World:

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import queue
 import random
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 from aim_ray.checkpoint import cache_dir
 from aim_ray.errors import AimRayError
-from aim_ray.worlds import World, real_tasks
+from aim_ray.worlds import World, build_atomically, real_tasks
 from aim_ray.worlds.smollm2 import CACHE_NAME as BASE_CACHE_NAME
 from aim_ray.worlds.smollm2 import NAME as BASE_NAME
 from aim_ray.worlds.smollm2 import smollm2_checkpoint
@@ -50,29 +48,10 @@ def build_real_world(cache_dir: str | Path | None = None, force: bool = False, e
                      progress: bool = True) -> World:
     """Return the cached real world at `cache_dir` (default: `default_cache_dir()`), building it first."""
     final = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
-    if not force and (final / MANIFEST).is_file():
-        return _load(final)
-    base = smollm2_checkpoint(final.parent / BASE_CACHE_NAME, echo=echo)  # beside the world, shared
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _build(tmp, final, base, echo, progress)
-        _install(tmp, final, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if force or not (final / MANIFEST).is_file():
+        base = smollm2_checkpoint(final.parent / BASE_CACHE_NAME, echo=echo)  # beside the world, shared
+        build_atomically(final, MANIFEST, lambda tmp: _build(tmp, final, base, echo, progress), force)
     return _load(final)
-
-
-def _install(tmp: Path, final: Path, force: bool) -> None:
-    if final.exists() and (force or not (final / MANIFEST).is_file()):
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():  # lost a race to a concurrent build: use its world
-            raise
 
 
 def _load(root: Path) -> World:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from aim_ray.worlds.tasks import write_task_yamls
+from aim_ray.worlds.tasks import write_task_data, write_task_yamls
 
 SKILLS = ("math", "code", "instruct")
 GENERAL = "general"
@@ -168,13 +168,7 @@ def training_example(kind: str, rng: random.Random, exclude: set[str]) -> Exampl
 
 def write_data(data_dir: Path) -> dict[str, Path]:
     """One JSONL file per task (fields `context`, `target`); returns task name -> file."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for kind in KINDS:
-        path = data_dir / f"{task_name(kind)}.jsonl"
-        path.write_text("".join(json.dumps({"context": c, "target": t}) + "\n" for c, t in eval_examples(kind)))
-        files[task_name(kind)] = path
-    return files
+    return write_task_data(data_dir, {task_name(kind): eval_examples(kind) for kind in KINDS})
 
 
 def write_calibration(path: Path) -> Path:

