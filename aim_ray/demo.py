@@ -37,14 +37,14 @@ SETUPS = {
                       weight=1.0, density=0.5,
                       calibration={"n_samples": 128, "block_size": 128, "n_blocks": 16},
                       eval={"batch_size": 32, "num_actors": 2, "num_cpus": 0.5}),
-    "tiny": DemoSetup(methods=("task_arithmetic", "ties", "dare_ties"), omegas=(0.2, 0.6, 1.0), weight=None,
+    "toy": DemoSetup(methods=("task_arithmetic", "ties", "dare_ties"), omegas=(0.2, 0.6, 1.0), weight=None,
                       density=0.5, calibration={"n_samples": 256, "block_size": 32},
                       eval={"batch_size": 64}),
 }
 
 
 def demo_config(world: World, setup: DemoSetup | None = None, methods=None, omegas=None) -> TuneSweepConfig:
-    setup = setup or SETUPS[world.suite if world.suite in SETUPS else "tiny"]
+    setup = setup or SETUPS[world.suite]
     weight = setup.weight if setup.weight is not None else round(1 / len(world.experts), 6)
     concurrent = setup.eval.get("num_actors")
     return TuneSweepConfig.model_validate({
@@ -106,7 +106,7 @@ def reading(table, general_task: str) -> list[dict[str, Any]]:
 def print_reading(result, world: World, echo=click.echo) -> None:
     if not len(result.table):
         return
-    base_general = result.population[str(world.base)][world.general_task] if result.population else None
+    base_general = result.population[str(world.base)][world.general_task]
     echo(f"\nreading ({world.general_task} = general ability; the base scores {base_general:.3f}):")
     for r in reading(result.table, world.general_task):
         line = f"  {r['method']:<16} best omega {r['best_omega']:.1f}: HV Gain {r['hv_gain']:.4f}, general " \

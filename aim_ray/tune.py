@@ -198,7 +198,6 @@ def _write_json(file: Path, data: Any) -> None:
 def population_scores(cfg: TuneSweepConfig, pool: EvalPool, eval_key: str) -> dict[str, dict[str, float]]:
     """Scores of the base and every expert, each evaluated once ever for this eval setup (cached); the ones
     not cached yet are scored at once, spread over the pool's actors."""
-
     models = [cfg.base_model, *[m.model for m in cfg.models]]
     files = {m: _scores_cache(m, eval_key) for m in models}
     todo = [m for m in models if not files[m].exists()]
@@ -257,8 +256,8 @@ def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
 def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "sweep", resume: bool = False,
               keep_models: bool = False, export_best: str | os.PathLike | None = None,
               overwrite: bool = False, scorer_factory=None, echo=print, progress: bool = False) -> SweepResult:
-    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the long-lived
-    evaluation actor, the task names and the scores-cache key (default: `default_scorer`, an
+    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the pool of long-lived
+    evaluation actors, the task names and the scores-cache key (default: `default_scorer`, an
     `evaluation.EvalActor` pool configured by `cfg.eval`); trials take a free actor of the pool."""
     from ray import tune
 

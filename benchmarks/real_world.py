@@ -37,7 +37,7 @@ def run_demo(cache: Path, log: Path) -> float:
     return seconds
 
 
-def print_table(cache: Path) -> None:
+def print_table() -> None:
     import pandas as pd
 
     from aim_ray.demo import reading
@@ -80,7 +80,7 @@ def main() -> None:
         print(f"make demo, empty cache: {cold:.0f} s ({cold / 60:.1f} min; target <= 10 min, limit 15)")
     warm = run_demo(cache, logs / "warm.log")
     print(f"make demo, warm cache:  {warm:.0f} s ({warm / 60:.1f} min; target <= 3 min)")
-    print_table(cache)
+    print_table()
 
 
 if __name__ == "__main__":
