@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/aim-ray demo
 
 test: $(STAMP)
-	$(BIN)/ruff check aim_ray tests benchmarks jobs
+	$(BIN)/ruff check aim_ray tests benchmarks
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check aim_ray tests benchmarks jobs
+	$(BIN)/ruff check aim_ray tests benchmarks

@@ -110,12 +110,12 @@ def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, 
     cfg = load_merge_config(config)
     cluster = None
     if workers > 1 or dry_run:
-        from .actors import ClusterOptions
+        from .driver import ClusterOptions
 
         cluster = ClusterOptions(workers=workers, address=address, cpus_per_worker=cpus_per_worker,
                                  gpus_per_worker=gpus_per_worker, placement=placement)
     if dry_run:
-        from .actors import dry_run_plan
+        from .driver import dry_run_plan
 
         click.echo(dry_run_plan(cfg, cluster, seed=seed, shard_size=shard_size, allow_pickle=allow_pickle))
         return

@@ -132,7 +132,7 @@ def trial_model(cfg: TuneSweepConfig, variant: Variant, omega: float, delta: Pat
                 overwrite: bool = True) -> Path:
     """Relax the cached delta with `omega` and write the model (bit-identical to a one-pass merge + AIM)."""
     from .engine import prepare, run_merge
-    from .service import aim_for_job
+    from .relaxer import aim_for_job
 
     job = prepare(merge_config(cfg, variant, omega, str(scales)), seed=cfg.seed)
     job.delta_source = Checkpoint.open(delta)
@@ -458,7 +458,7 @@ def sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, address: str | No
     """`run_sweep` on a local Ray cluster (embedded default) or the one at `address` / RAY_ADDRESS."""
     import ray
 
-    from .actors import ClusterOptions, connect
+    from .driver import ClusterOptions, connect
 
     connected = connect(ClusterOptions(workers=1, address=address))
     try:

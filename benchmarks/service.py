@@ -29,16 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_model_set, merge_yaml  # noqa: E402
 
-from aim_ray.actors import (  # noqa: E402
+from aim_ray.config import CalibrationConfig, load_merge_config  # noqa: E402
+from aim_ray.driver import (  # noqa: E402
     ClusterOptions,
     WorkerPool,
     distributed_merge,
     distributed_scales,
     layer_ranges,
 )
-from aim_ray.config import CalibrationConfig, load_merge_config  # noqa: E402
 from aim_ray.engine import MergeJob, prepare, run_merge  # noqa: E402
-from aim_ray.service import aim_for_job  # noqa: E402
+from aim_ray.relaxer import aim_for_job  # noqa: E402
 
 CPU_SHAPE = dict(hidden=768, intermediate=2048, layers=8, vocab=8000, n_shards=2)
 GPU_SHAPE = dict(hidden=4096, intermediate=11008, layers=32, vocab=32000, n_shards=3)  # Llama-2-7B sizes

@@ -16,7 +16,10 @@ import pytest
 import ray
 import torch
 
-from aim_ray.actors import (
+from aim_ray.calibration import collect_activation_scales
+from aim_ray.checkpoint import shard_filename
+from aim_ray.config import load_merge_config
+from aim_ray.driver import (
     ClusterOptions,
     WorkerPool,
     distributed_merge,
@@ -25,12 +28,9 @@ from aim_ray.actors import (
     service_plan,
     shard_assignment,
 )
-from aim_ray.calibration import collect_activation_scales
-from aim_ray.checkpoint import shard_filename
-from aim_ray.config import load_merge_config
 from aim_ray.engine import PROGRESS, MergeJob, prepare, run_merge
 from aim_ray.plan import assign_shards
-from aim_ray.service import aim_for_job
+from aim_ray.relaxer import aim_for_job
 from aim_ray.worlds.tiny import build_tiny_family
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need SlowRelax, not this file

@@ -3,7 +3,8 @@
 The head runs `ray start --head --block` in its own session with its own `--temp-dir`: other Ray users on the
 machine never see it (a plain `ray.init()` elsewhere does not attach to it), and teardown ends exactly its
 process group. (`ray stop` would kill every Ray process of the user, including other sessions' clusters.)
-Ray 2.60 enables token authentication; the job CLI gets `RAY_AUTH_MODE=token` and finds ~/.ray/auth_token.
+Ray 2.60 enables token authentication: the head and the job CLI get `RAY_AUTH_MODE=token` and one token for
+this module through `RAY_AUTH_TOKEN` (a fresh machine has no ~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,10 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+AUTH_TOKEN = uuid.uuid4().hex + uuid.uuid4().hex
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = AUTH_TOKEN
     return {**env, **extra}
 
 
@@ -118,7 +124,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_ray_job_submit_merge(head, merge_config, reference, tmp_path):
     _, url = head
     out = tmp_path / "out"
-    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-m", "jobs.merge",
+    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "-m", "aim_ray.jobs.merge",
            str(merge_config), "--out", str(out), "--workers", "2", "--shard-size", SHARD, "--quiet"]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(RAY_ADDRESS=url), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -150,7 +156,7 @@ def test_dry_run_prints_plan_and_writes_nothing(merge_config, tmp_path):
 
 
 def test_package_job_module_dry_run(merge_config, tmp_path):
-    """`python -m aim_ray.jobs.merge` (installed-package form) parses the same options."""
+    """`python -m aim_ray.jobs.merge` outside a job: the plan only."""
     r = subprocess.run([sys.executable, "-m", "aim_ray.jobs.merge", str(merge_config), "--out",
                         str(tmp_path / "o"), "--workers", "2", "--dry-run"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=120)
@@ -171,11 +177,11 @@ def test_one_worker_never_imports_ray(merge_config, tmp_path):
     assert (tmp_path / "o" / "config.json").exists()
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "jobs" / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_example_configs_validate(name):
     """The shipped job configs parse and their method parameters resolve (no download)."""
     from aim_ray.methods import get_method, resolve_params
 
-    cfg = load_merge_config(ROOT / "jobs" / "configs" / name)
+    cfg = load_merge_config(ROOT / "configs" / name)
     resolve_params(get_method(cfg.merge_method), [m.parameters for m in cfg.models], cfg.parameters)
     assert cfg.aim is not None and cfg.aim.omega == 0.4

@@ -1,1 +1,1 @@
-"""`ray job submit` entrypoints (installed with the package; `jobs/` at the repository root wraps them)."""
+"""`ray job submit` entrypoints: `python -m aim_ray.jobs.merge CONFIG --out DIR`."""

@@ -1,8 +1,10 @@
 """`ray job submit` entrypoint for a merge on the cluster the job runs in.
 
-    ray job submit --working-dir . -- python -m jobs.merge jobs/configs/llama2-13b-ties-aim.yaml \
+    ray job submit --working-dir . -- python -m aim_ray.jobs.merge configs/llama2-13b-ties-aim.yaml \
         --out /shared/merges/ties --workers 4
-    # equivalently: python -m aim_ray.jobs.merge ... (when aim_ray is installed on the cluster)
+
+`--working-dir .` puts the repository root on sys.path, so `aim_ray` imports from the uploaded copy whether or
+not the package is installed on the cluster.
 
 Inside a job RAY_ADDRESS is set, so Ray is attached with a plain `ray.init()` (resource arguments raise on an
 existing cluster). `--workers auto` (the default) uses one worker per GPU of the cluster, or 2 without GPUs.
@@ -32,7 +34,7 @@ def size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.merge", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m aim_ray.jobs.merge", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="MergeKit-schema YAML (with an optional aim: section)")
     ap.add_argument("--out", required=True, help="output directory, on storage every node shares")
     ap.add_argument("--workers", default="auto", help="number of workers, or auto (one per GPU, else 2)")
@@ -61,8 +63,8 @@ def auto_workers() -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..actors import ClusterOptions, dry_run_plan
     from ..config import load_merge_config
+    from ..driver import ClusterOptions, dry_run_plan
     from ..service import merge_from_config
 
     workers = auto_workers() if args.workers == "auto" else int(args.workers)

@@ -1,1 +1,0 @@
-"""`ray job submit --working-dir .` entrypoints: `python -m jobs.merge CONFIG --out DIR`."""
