@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import AimRayError
+from .errors import AimRayError, ClusterError
 
 
 def user_errors(fn):
@@ -24,6 +24,9 @@ def user_errors(fn):
         except AimRayError as e:
             click.echo(f"aim-ray: error: {e}", err=True)
             sys.exit(2)
+        except ClusterError as e:  # not the input's fault: status 1, and --resume continues the run
+            click.echo(f"aim-ray: cluster error: {e}", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -35,6 +35,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ from .calibration import (
 from .checkpoint import DEFAULT_SHARD_SIZE, OutputDir, shard_filename
 from .config import CalibrationConfig, MergeConfig
 from .engine import MergeJob, RelaxFn, finalize, load_progress, prepare, save_progress
-from .errors import AimRayError, CalibrationError, CheckpointError, ConfigError
+from .errors import AimRayError, CalibrationError, CheckpointError, ClusterError, ConfigError
 from .plan import (
     LayerRange,
     ServicePlan,
@@ -92,6 +93,8 @@ class ClusterOptions:
     resources_per_worker: Mapping[str, float] = field(default_factory=dict)
     max_restarts: int = 3
     ready_timeout_s: float = 600.0
+    call_timeout_s: float = 1800.0  # the longest one worker call may take (a stage load, a shard write)
+    lost_worker_grace_s: float = 60.0  # a worker whose node died gets this long to come back elsewhere
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -100,6 +103,8 @@ class ClusterOptions:
             raise ConfigError(f"--placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.cpus_per_worker < 0 or (self.gpus_per_worker or 0) < 0:
             raise ConfigError("--cpus-per-worker and --gpus-per-worker must not be negative")
+        if min(self.ready_timeout_s, self.call_timeout_s, self.lost_worker_grace_s) <= 0:
+            raise ConfigError("ready_timeout_s, call_timeout_s and lost_worker_grace_s must be positive")
 
     def bundle(self, gpus: float) -> dict[str, float]:
         custom = {k: float(v) for k, v in self.resources_per_worker.items()}
@@ -161,6 +166,12 @@ class WorkerPool:
         self.bundle = options.bundle(self.gpus)
         self.pg = self._reserve()
         self.actors = [self._actor(k) for k in range(options.workers)]
+        self.workers = list(range(options.workers))  # the worker number of each live actor
+        try:  # the first call waits for the actors to start (a torch import each)
+            self.nodes = [i["node_id"] for i in self.call_all("info", timeout_s=options.ready_timeout_s)]
+        except BaseException:
+            self.close()
+            raise
 
     def _reserve(self) -> PlacementGroup:
         k = self.options.workers
@@ -187,7 +198,28 @@ class WorkerPool:
         ).remote(k, self.bundle.get("CPU", 1.0))
 
     def info(self) -> list[dict[str, Any]]:
-        return ray.get([a.info.remote() for a in self.actors])
+        return self.call_all("info")
+
+    def call_all(self, method: str, *args_per_actor: Sequence[Any], timeout_s: float | None = None) -> list[Any]:
+        """`method` on every actor (argument lists: one entry per actor), results in actor order. A timeout
+        names the workers that did not answer and their nodes."""
+        refs = [getattr(a, method).remote(*(args[i] for args in args_per_actor)) for i, a in enumerate(self.actors)]
+        return self.get(refs, timeout_s, method)
+
+    def get(self, refs: list[ray.ObjectRef], timeout_s: float | None, what: str) -> list[Any]:
+        """`ray.get` of one ref per actor (in actor order) with a timeout naming the late workers."""
+        timeout_s = timeout_s or self.options.call_timeout_s
+        done, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if late:
+            _abandon(late, timeout_s=0)
+            names = [self.describe(refs.index(r)) for r in late]
+            raise ClusterError(f"{what}: no answer within {timeout_s:.0f} s from {', '.join(names)}")
+        return _get(refs)
+
+    def describe(self, position: int) -> str:
+        """'worker K on node ID (IP)' for log lines and errors."""
+        node = self.nodes[position] if position < len(getattr(self, "nodes", [])) else None
+        return f"worker {self.workers[position]} on node {_node_label(node)}"
 
     def close(self) -> None:
         for actor in self.actors:
@@ -225,71 +257,75 @@ class WorkerPool:
 
     def _calibrate_once(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
                         dtype: str, max_inflight: int | None) -> dict[str, torch.Tensor]:
-        _get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head, dtype)
-              for a, r in zip(self.actors, ranges, strict=True)])
+        self.get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head, dtype)
+                  for a, r in zip(self.actors, ranges, strict=True)], None, "loading the calibration stages")
         window = max_inflight or 2 * len(self.actors)
         inflight: list[ray.ObjectRef] = []
         for batch in iter_micro_batches(blocks, micro_batch):
             if len(inflight) >= window:  # bound the hidden states alive in the object store
-                _get(inflight.pop(0))
+                self._pipeline_get([inflight.pop(0)])
             ref = ray.put(to_wire(batch))
             for actor in self.actors:  # stage k's output ref is stage k+1's input: no driver round trip
                 ref = actor.calibrate_step.remote(ref)
             inflight.append(ref)
-        _get(inflight)
+        self._pipeline_get(inflight)
         scales: dict[str, torch.Tensor] = {}
-        for part in _get([a.get_scales.remote() for a in self.actors]):
+        for part in self.call_all("get_scales"):
             scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
-        _get([a.stop_calibration.remote() for a in self.actors])
+        self.call_all("stop_calibration")
         return scales
+
+    def _pipeline_get(self, refs: list[ray.ObjectRef]) -> None:
+        """Wait for micro-batches to leave the last stage; one call per stage each, so the wait is bounded by
+        K calls. A timeout names every stage (which one is stuck is not visible from the last stage's ref)."""
+        timeout_s = self.options.call_timeout_s * len(self.actors)
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if late:
+            stages = ", ".join(self.describe(k) for k in range(len(self.actors)))
+            raise ClusterError(f"calibration pipeline: a micro-batch did not pass every stage within "
+                               f"{timeout_s:.0f} s (stages: {stages})")
+        _get(refs)
 
     # -- merge ----------------------------------------------------------------------------------------
     def merge_shards(self, job: MergeJob, options: MergeOptions, work: Path, todo: Sequence[Sequence[int]],
                      relax: RelaxFn | None = None, metadata: dict[str, str] | None = None,
                      on_done: Callable[[int, str, int], None] | None = None) -> dict[int, str]:
         """Write shard indices `todo[k]` on worker k, concurrently. `on_done(index, sha256, pid)` is called
-        in the driver as each shard completes. Shards of a worker that is gone for good go to the others."""
+        in the driver as each shard completes. The shards of a worker that is gone for good (its restarts
+        used up, or its node dead and no capacity to restart it elsewhere) go to the surviving workers."""
         self._check_shared_dir(work)
-        relax_arg = ray.put(relax) if relax is not None else None
         cfg = ray.put(job.config)
-        alive = list(range(len(self.actors)))
-        pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+        relax_refs = _relax_per_shard(job, relax, [i for run in todo for i in run])
 
-        def submit(k: int, index: int) -> None:
-            ref = self.actors[k].write_shard.remote(cfg, options, str(work), index, relax_arg, metadata)
-            pending[ref] = (k, index)
+        def submit(k: int, index: int) -> ray.ObjectRef:
+            return self.actors[k].write_shard.remote(cfg, options, str(work), index, relax_refs[index], metadata)
 
+        run = ShardRun(self, submit)
         for k, indices in enumerate(todo):
             for index in indices:
-                submit(k, index)
-        digests: dict[int, str] = {}
+                run.submit(k, index)
         try:
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                k, index = pending.pop(ref)
-                try:
-                    _, digest, pid = _get(ref)
-                except ray.exceptions.RayActorError:  # restarts exhausted, node gone: move the work
-                    if k in alive:
-                        alive.remove(k)
-                    if not alive:
-                        raise
-                    submit(alive[index % len(alive)], index)
-                    continue
-                digests[index] = digest
-                if on_done is not None:
-                    on_done(index, digest, pid)
+            digests = run.wait_all(on_done)
         except BaseException:
-            _abandon(list(pending))
+            _abandon(list(run.pending))
             raise
+        finally:
+            self._forget(run.lost)
         return digests
+
+    def _forget(self, lost: set[int]) -> None:
+        """Drop lost workers from the pool (later merges and calibrations use the survivors)."""
+        keep = [k for k in range(len(self.actors)) if k not in lost]
+        self.actors = [self.actors[k] for k in keep]
+        self.workers = [self.workers[k] for k in keep]
+        self.nodes = [self.nodes[k] for k in keep]
 
     def _check_shared_dir(self, work: Path) -> None:
         """Workers write into the driver's work dir: it must be the same directory on every node."""
         marker = work / f".aim-ray-visible-{uuid.uuid4().hex}"
         marker.touch()
         try:
-            seen = _get([a.can_see.remote(str(marker)) for a in self.actors])
+            seen = self.call_all("can_see", [str(marker)] * len(self.actors))
         finally:
             marker.unlink(missing_ok=True)
         if not all(seen):
@@ -318,6 +354,132 @@ def _get(refs: Any) -> Any:
         if isinstance(cause, AimRayError):
             raise cause from None
         raise
+
+
+
+def _node_label(node_id: str | None) -> str:
+    """A node's short id and address, from the GCS (no dashboard needed)."""
+    if node_id is None:
+        return "?"
+    ip = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    return f"{node_id[:8]}" + (f" ({ip})" if ip else "")
+
+
+def _dead_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if not n.get("Alive", False)}
+
+
+def _relax_per_shard(job: MergeJob, relax: RelaxFn | None, indices: Sequence[int]) -> dict[int, Any]:
+    """One object ref per shard holding only the scales of that shard's tensors (an `AimRelaxer` restricted
+    with `for_tensors`), so no worker receives the full-model scales; a shard moved to another worker takes
+    its own ref along. Other relax functions travel whole, once."""
+    if relax is None:
+        return dict.fromkeys(indices)
+    restrict = getattr(relax, "for_tensors", None)
+    if restrict is None:
+        ref = ray.put(relax)
+        return dict.fromkeys(indices, ref)
+    return {i: ray.put(restrict([t.name for t in job.shards[i]])) for i in indices}
+
+
+POLL_S = 1.0  # how often the merge loop looks at node health while no shard completes
+
+
+class ShardRun:
+    """One parallel shard write: submit, collect, move the shards of lost workers, time out a stall.
+
+    A worker is lost when its calls fail after its restarts (RayActorError), or when its node is dead and it
+    has not answered a ping within `lost_worker_grace_s` (Ray keeps such an actor RESTARTING forever when no
+    node has room for its bundle; its queued calls would wait with it). A lost worker is killed (no restart),
+    and its outstanding shards are resubmitted round-robin to the live ones. Writers use unique temporary
+    files and an atomic rename, and shards are deterministic, so a late write from a partitioned node is
+    harmless."""
+
+    def __init__(self, pool: WorkerPool, submit: Callable[[int, int], ray.ObjectRef]) -> None:
+        self.pool = pool
+        self._submit = submit
+        self.pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+        self.lost: set[int] = set()
+        self.moved: dict[int, int] = {}  # shard -> the worker position it was moved to
+        self._suspects: dict[int, tuple[float, ray.ObjectRef]] = {}  # position -> (since, ping)
+        self._last_progress = time.monotonic()
+
+    def submit(self, k: int, index: int) -> None:
+        self.pending[self._submit(k, index)] = (k, index)
+
+    def wait_all(self, on_done: Callable[[int, str, int], None] | None) -> dict[int, str]:
+        digests: dict[int, str] = {}
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=POLL_S)
+            if not ready:
+                self._watch()
+                continue
+            k, index = self.pending.pop(ready[0])
+            try:
+                _, digest, pid = _get(ready[0])
+            except ray.exceptions.RayActorError:  # restarts exhausted: move its work
+                self._lose(k, "its restarts are used up")
+                self._move(index)
+                continue
+            self._last_progress = time.monotonic()
+            self._suspects.pop(k, None)
+            digests[index] = digest
+            if on_done is not None:
+                on_done(index, digest, pid)
+        return digests
+
+    def _alive(self) -> list[int]:
+        return [k for k in range(len(self.pool.actors)) if k not in self.lost]
+
+    def _move(self, index: int) -> None:
+        alive = self._alive()
+        if not alive:
+            raise ClusterError(f"every worker is lost; shard {index} and others are unwritten (the finished "
+                               f"shards are kept: rerun with --resume)")
+        k = alive[index % len(alive)]
+        self.moved[index] = k
+        self.submit(k, index)
+
+    def _lose(self, k: int, why: str) -> None:
+        if k in self.lost:
+            return
+        warnings.warn(f"{self.pool.describe(k)} is lost ({why}); its shards move to the other workers",
+                      stacklevel=2)
+        self.lost.add(k)
+        self._suspects.pop(k, None)
+        ray.kill(self.pool.actors[k], no_restart=True)
+        for ref, (owner, index) in list(self.pending.items()):
+            if owner == k:
+                del self.pending[ref]
+                self._move(index)
+
+    def _watch(self) -> None:
+        """No shard finished in the last poll: check the nodes of busy workers, then the stall timeout."""
+        now = time.monotonic()
+        busy = {k for k, _ in self.pending.values()}
+        dead = _dead_nodes() if busy else set()
+        for k in busy - self.lost:
+            if self.pool.nodes[k] in dead and k not in self._suspects:
+                self._suspects[k] = (now, self.pool.actors[k].info.remote())
+        for k, (since, ping) in list(self._suspects.items()):
+            self._check_suspect(k, since, ping, now)
+        if now - self._last_progress > self.pool.options.call_timeout_s:
+            late = sorted({k for k, _ in self.pending.values()})
+            names = ", ".join(self.pool.describe(k) for k in late)
+            raise ClusterError(f"no shard finished in {self.pool.options.call_timeout_s:.0f} s; waiting on "
+                               f"{names} (the finished shards are kept: rerun with --resume)")
+
+    def _check_suspect(self, k: int, since: float, ping: ray.ObjectRef, now: float) -> None:
+        ready, _ = ray.wait([ping], timeout=0)
+        if ready:
+            try:
+                self.pool.nodes[k] = _get(ping)["node_id"]  # restarted on a node with room: carry on
+                del self._suspects[k]
+            except ray.exceptions.RayActorError:
+                self._lose(k, "its node is dead and it could not restart")
+        elif now - since > self.pool.options.lost_worker_grace_s:
+            self._lose(k, f"its node died and it did not restart within "
+                          f"{self.pool.options.lost_worker_grace_s:.0f} s: no node has room for it")
 
 
 # ------------------------------------------------------------------------------------------ the driver

@@ -30,3 +30,9 @@ class IgnoredParameterWarning(UserWarning):
 
 class OutputExistsError(AimRayError):
     """The output directory exists and --overwrite was not given."""
+
+
+class ClusterError(Exception):
+    """The cluster failed the run (a worker or node lost for good, a call that timed out), not the input.
+
+    The CLI prints its message without a traceback (exit status 1); the hidden work dir is kept for --resume."""

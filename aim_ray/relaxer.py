@@ -34,6 +34,11 @@ class AimRelaxer:
         `theta_pre + factor * delta` is exactly what __call__ computes."""
         return factor_for(name, shape, scale_for(name, self.scales, self.tied, self.kind).scale, self.omega)
 
+    def for_tensors(self, names: list[str]) -> AimRelaxer:
+        """The same relaxation holding only the scales `names` need (what one shard's writer receives)."""
+        keys = {c.key for c in (scale_for(n, self.scales, self.tied, self.kind) for n in names) if c.key}
+        return AimRelaxer({k: self.scales[k] for k in sorted(keys)}, self.kind, self.omega, self.tied)
+
     def notes(self, names: list[str]) -> list[str]:
         """Checks every tensor has its scales (before any write) and returns the notes to record."""
         return [n for n in (scale_for(name, self.scales, self.tied, self.kind).note for name in names) if n]

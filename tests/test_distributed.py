@@ -277,6 +277,40 @@ def test_aim_merge_distributed_equals_single_process(pools, family, calib_text, 
     assert json.loads((out / "merge_report.json").read_text())["aim"]["omega"] == 0.4
 
 
+def test_each_shard_gets_only_its_scales(pools, family, calib_text, tmp_path, monkeypatch):
+    """Workers receive, per shard, an AimRelaxer holding only the scales of that shard's tensors; together
+    the shards hold every entry the full relaxer needs."""
+    from aim_ray.driver import _relax_per_shard
+
+    base, experts = family
+    aim = {"omega": 0.4, "calibration": {"dataset": str(calib_text), "n_samples": 40, "block_size": 128}}
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache"))
+    job = prepare(_config(tmp_path, base, experts, method="ties", aim=aim), shard_size=SHARD)
+    relax, _, _ = aim_for_job(job)
+    parts = {i: ray.get(ref) for i, ref in _relax_per_shard(job, relax, range(len(job.shards))).items()}
+    for i, part in parts.items():
+        wanted = {t.name.removesuffix(".weight") for t in job.shards[i] if t.name.endswith(".weight")}
+        assert set(part.scales) == wanted & set(relax.scales), i
+        assert all(torch.equal(part.scales[k], relax.scales[k]) for k in part.scales)
+    assert set().union(*(p.scales for p in parts.values())) == set(relax.scales)
+
+
+def test_stalled_merge_times_out_naming_the_worker(local_ray, job, tmp_path):
+    """A shard write that exceeds call_timeout_s fails with a ClusterError naming the worker and its node;
+    the hidden work dir (with the shards already recorded) is kept for --resume."""
+    from aim_ray.errors import ClusterError
+
+    pool = WorkerPool(ClusterOptions(workers=1, cpus_per_worker=CPU, gpus_per_worker=0, call_timeout_s=2))
+    try:
+        node = pool.nodes[0][:8]
+        out = tmp_path / "out"
+        with pytest.raises(ClusterError, match=rf"no shard finished in 2 s; waiting on worker 0 on node {node}"):
+            distributed_merge(job, out, pool.options, pool=pool, aim=slow_aim(3.0), progress=False)
+        assert not out.exists() and (tmp_path / ".out.aim-ray-partial").is_dir()
+    finally:
+        pool.close()
+
+
 # ------------------------------------------------------------------------------------- multi-node fault
 
 
@@ -313,6 +347,47 @@ def test_node_removed_mid_merge_completes(job, reference, tmp_path, pools):
                                 progress=False, on_done=remove_other)
         assert_same_checkpoint(reference, out)
         assert {i["node_id"] for i in pool.info()} == set(where) - set(removed)
+        pool.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_lost_node_without_capacity_moves_its_shards(job, reference, tmp_path):
+    """3 nodes with exactly one worker slot each. Removing one mid-merge leaves its worker nowhere to restart
+    (Ray would keep it RESTARTING forever): after lost_worker_grace_s the driver kills it, moves its shards to
+    the two survivors, and the merge completes with the uninterrupted run's bytes."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+    nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(3)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        pool = WorkerPool(ClusterOptions(workers=3, cpus_per_worker=1, gpus_per_worker=0, placement="spread",
+                                         resources_per_worker={"slot": 1}, ready_timeout_s=60,
+                                         lost_worker_grace_s=3, call_timeout_s=120))
+        where = list(pool.nodes)
+        assert len(set(where)) == 3
+        runs = shard_assignment(job, 3)
+        removed: list[str] = []
+
+        def remove_last(index: int, digest: str, pid: int) -> None:
+            if not removed and index in runs[0]:  # the first worker has started: remove the third's node
+                removed.append(where[2])
+                cluster.remove_node(next(n for n in nodes if n.node_id == where[2]))
+
+        started = time.perf_counter()
+        with pytest.warns(UserWarning, match=r"worker 2 on node .* is lost \(its node died"):
+            out = distributed_merge(job, tmp_path / "out", pool.options, pool=pool, aim=slow_aim(0.05),
+                                    progress=False, on_done=remove_last)
+        assert time.perf_counter() - started < 100
+        assert_same_checkpoint(reference, out)
+        assert pool.workers == [0, 1] and set(pool.nodes) == set(where[:2])
+        writers = json.loads((out / "merge_report.json").read_text())["service"]["writer_pids"]
+        assert {int(i) for i in writers} >= set(runs[2])  # the lost worker's shards were written by others
         pool.close()
     finally:
         ray.shutdown()

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..errors import AimRayError
+from ..errors import AimRayError, ClusterError
 
 
 def size(text: str) -> int:
@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AimRayError as e:
         print(f"aim-ray: error: {e}", file=sys.stderr)
         return 2
+    except ClusterError as e:
+        print(f"aim-ray: cluster error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"aim_ray_job": summary}), flush=True)
     return 0
 
