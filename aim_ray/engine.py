@@ -123,6 +123,9 @@ def _split_base(config: MergeConfig, method: MergeMethod):
         entries = [e for e in config.models if e.model != config.base_model]
         base_ref = config.base_model
     else:
+        if config.aim is not None and config.base_model is None:  # AIM relaxes a delta from a base
+            raise ConfigError(f"aim: merge_method {method.name!r} without base_model has no base to relax "
+                              f"toward; set base_model (the experts' common base) or remove aim:")
         entries = list(config.models)
         base_ref = config.base_model or entries[0].model
     if len(entries) < method.min_experts:

@@ -52,10 +52,10 @@ def is_embedding(name: str) -> bool:
 
 
 def has_tied_embeddings(checkpoint: Checkpoint) -> bool:
-    """One shared embedding/head tensor: config says tied and the checkpoint has no `lm_head.weight`."""
-    names = set(checkpoint.names())
-    return (checkpoint.tie_word_embeddings and "lm_head.weight" not in names
-            and "model.embed_tokens.weight" in names)
+    """The embedding is the head: config says tied and the embedding is stored. A stored `lm_head.weight` does
+    not untie it (transformers ties the head to the embedding on load and ignores the stored head), so the
+    embedding is relaxed with the head's scales whether or not the head is stored too."""
+    return checkpoint.tie_word_embeddings and "model.embed_tokens.weight" in set(checkpoint.names())
 
 
 def expected_shapes(checkpoint: Checkpoint, kind: str) -> dict[str, tuple[int, ...]]:

@@ -136,6 +136,52 @@ def test_tied_embedding_relaxation_is_recorded(qwen_family, calib_data, make_con
     assert torch.equal(state(out)[emb][:, top], state(base)[emb][:, top])
 
 
+def _store_lm_head_too(src, dst):
+    """A copy of a tied checkpoint that also stores `lm_head.weight` (as some exporters do)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_tied_checkpoint_storing_both_tensors_loads_relaxed(qwen_family, calib_data, make_config, tmp_path):
+    """tie_word_embeddings with both tensors stored: transformers ties the head to the embedding on load, so
+    the embedding must be relaxed (with the head's scales) exactly like the head, and the loaded model must
+    carry the relaxed matrix."""
+    from transformers import AutoModelForCausalLM
+
+    base, experts = (_store_lm_head_too(p, tmp_path / p.name) for p in (qwen_family[0], qwen_family[1][0]))
+    scales = tmp_path / "s.safetensors"
+    assert cli("calibrate", base, "--out", scales, "--data", calib_data, *CAL).exit_code == 0
+    cfg = make_config("task_arithmetic", base, [experts], aim={"omega": 0.0, "scales": str(scales)})
+    out = tmp_path / "out"
+    result = cli("merge", cfg, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    got, b, e = state(out), state(base), state(experts)
+    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    s = Scales.load(scales)["lm_head"].float()
+    want = b[emb] + (1 - s / s.max()) * (e[emb] - b[emb])  # omega 0: factor 1 - A
+    torch.testing.assert_close(got[emb], want, rtol=0, atol=2e-7)
+    assert torch.equal(got[emb], got[head])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(model.get_output_embeddings().weight.detach(), got[emb])
+    assert torch.equal(model.get_input_embeddings().weight.detach(), got[emb])
+
+
+def test_aim_with_linear_and_no_base_is_refused(llama_family, make_config, tmp_path):
+    _, experts = llama_family
+    cfg = make_config("linear", None, experts, aim={"omega": 0.4})
+    result = cli("merge", cfg, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "aim: merge_method 'linear' without base_model has no base to relax toward" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_bias_and_embedding_keep_the_merged_value(qwen_family, calib_data, make_config, tmp_path):
     base, experts = qwen_family
     plain = make_config("task_arithmetic", base, experts, name="p.yaml")
