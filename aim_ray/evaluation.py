@@ -5,7 +5,8 @@ worker for its whole life: the next model's weights are reloaded into it in plac
 engine through a `VLLM` LM object that wraps it instead of building its own). vllm is imported lazily, only by
 the vllm backend.
 
-Scores are normalised to [0, 1] (percentages divided by 100); `primary_metric` names the headline metric of a task.
+Scores are normalised to [0, 1] by each metric's declared range (`METRIC_RANGES`, or a task's own
+`metadata: {metric_ranges: {metric: [lo, hi]}}`); `primary_metric` names the headline metric of a task.
 """
 
 from __future__ import annotations
@@ -43,8 +44,17 @@ PRIMARY_METRICS = {
     "ifeval": "prompt_level_strict_acc",
 }
 _FALLBACK_METRICS = ("acc", "exact_match", "pass@1", "pass_at_1", "acc_norm", "f1", "em")
-_UNBOUNDED_METRICS = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loglikelihood"}
-_PERCENT_METRICS = {"bleu", "chrf", "ter"}  # sacrebleu reports these in percent whatever the value
+_UNBOUNDED_METRICS = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loglikelihood", "ter"}
+_FRACTION = (0.0, 1.0)
+# The scale lm-eval reports each metric on. A score is (value - lo) / (hi - lo); a value outside its range is an
+# error, never a guess (a 0.9 could be 0.9 or 0.9 %). Tasks declare others in their YAML's metadata.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "pass@1", "pass@10",
+                     "pass_at_1", "prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
+                     "inst_level_loose_acc"), _FRACTION),
+    "mcc": (-1.0, 1.0),
+    **dict.fromkeys(("bleu", "chrf", "bleu_max"), (0.0, 100.0)),  # sacrebleu's percent scale
+}
 
 RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),
@@ -114,14 +124,31 @@ def _world_suite(name: str, tasks_dir: str | Path | None) -> tuple[list[str], st
     return names, str(tasks_dir)
 
 
-def normalise_score(metric: str, value: float) -> float:
-    """Scores in [0, 1]: metrics lm-eval reports in percent are divided by 100; perplexities stay as they are."""
+def normalise_score(metric: str, value: float, declared: Mapping[str, Any] | None = None,
+                    task: str = "") -> float | None:
+    """`value` mapped from the metric's declared range to [0, 1] (perplexities stay as they are); None for a
+    metric with no declared range (it is not used as a score)."""
     base = metric.split(",")[0]
     if base in _UNBOUNDED_METRICS:
         return float(value)
-    if base in _PERCENT_METRICS or 1.0 < value <= 100.0:
-        return float(value) / 100.0
-    return float(value)
+    bounds = (declared or {}).get(base) or METRIC_RANGES.get(base)
+    if bounds is None:
+        return None
+    lo, hi = (float(b) for b in bounds)
+    if not lo - 1e-9 <= value <= hi + 1e-9:
+        raise ConfigError(f"task {task!r}: metric {metric!r} = {value} is outside its declared range [{lo}, {hi}]"
+                          f"; declare the right one in the task YAML's metadata.metric_ranges")
+    return (float(value) - lo) / (hi - lo)
+
+
+def _declared_ranges(raw: Mapping[str, Any], task: str) -> Mapping[str, Any]:
+    """The task YAML's `metadata.metric_ranges` (lm-eval returns each task's config under `configs`)."""
+    metadata = (raw.get("configs", {}).get(task) or {}).get("metadata") or {}
+    ranges = metadata.get("metric_ranges") or {}
+    if not isinstance(ranges, Mapping) or any(not isinstance(r, Sequence) or len(r) != 2 or r[0] >= r[1]
+                                              for r in ranges.values()):
+        raise ConfigError(f"task {task!r}: metadata.metric_ranges must map metric names to [lo, hi] with lo < hi")
+    return ranges
 
 
 def primary_metric(task: str, results: Mapping[str, Any]) -> str:
@@ -136,7 +163,8 @@ def primary_metric(task: str, results: Mapping[str, Any]) -> str:
                 return key
     bounded = sorted(k for k in metrics if k.split(",")[0] not in _UNBOUNDED_METRICS)
     if not bounded:
-        raise ConfigError(f"task {task!r} reported no metric usable as a score: {sorted(metrics)}")
+        raise ConfigError(f"task {task!r} reported no metric usable as a score: {sorted(metrics)} (a metric "
+                          f"needs a range: METRIC_RANGES or the task YAML's metadata.metric_ranges)")
     return bounded[0]
 
 
@@ -148,11 +176,14 @@ def _parse_results(raw: Mapping[str, Any], tasks: Sequence[str], subtasks: bool)
         if not subtasks and task not in tasks:
             continue
         metrics = {}
+        declared = _declared_ranges(raw, task)
         for key, value in entries.items():
             if "_stderr" in key or "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             name = key[: -len(",none")] if key.endswith(",none") else key
-            metrics[name] = normalise_score(name, value)
+            score = normalise_score(name, value, declared, task)
+            if score is not None:
+                metrics[name] = score
         if metrics:
             out[task] = metrics
     return out
@@ -262,6 +293,7 @@ class VLLMBackend:
         self._lm_factory = lm_factory or live_vllm_lm
         self.llm: Any = None
         self.current: str | None = None
+        self._stamp: tuple | None = None
         self._arch: dict[str, Any] | None = None
         self.loads = 0
         self.engines_started = 0
@@ -311,12 +343,13 @@ class VLLMBackend:
 
     def load(self, model_dir: str | Path):
         path = str(Path(model_dir).absolute())
+        stamp = weights_stamp(path)
         if self.llm is None:
             self._arch = _architecture(path)
             self._start(path)
-        elif path != self.current:
+        elif (path, stamp) != (self.current, self._stamp):  # a trial rewritten in place reloads too
             self._reload(path)
-        self.current = path
+        self.current, self._stamp = path, stamp
         self.loads += 1
         return self._lm_factory(self.llm, path, tensor_parallel_size=self.tensor_parallel_size,
                                 batch_size=self.batch_size, max_gen_toks=self.max_gen_toks,
@@ -324,6 +357,13 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.llm = None
+
+
+def weights_stamp(model_dir: str | Path) -> tuple:
+    """What identifies the weights in a directory without reading them: each weight file's name, size,
+    mtime and inode (a rewrite through a temp file and rename changes the inode even within one mtime tick)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    return tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
 
 
 def live_vllm_lm(llm: Any, model_dir: str, *, tensor_parallel_size: int = 1, batch_size: int | str = "auto",

@@ -162,7 +162,7 @@ def test_scores_are_normalised_and_primary_metric_chosen():
     raw = {"results": {
         "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.01,
                   "exact_match,flexible-extract": 0.5},
-        "bleu_task": {"bleu,none": 23.0, "acc,none": 55.0},
+        "bleu_task": {"bleu,none": 23.0, "acc,none": 0.55},
         "wiki": {"word_perplexity,none": 31.2},
         "other": {"acc,none": 0.1},
     }, "groups": {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.01, "alias": "mmlu"}}}
@@ -175,7 +175,21 @@ def test_scores_are_normalised_and_primary_metric_chosen():
     assert primary_metric("bleu_task", scores) == "acc"
     with pytest.raises(ConfigError, match="no metric usable"):
         primary_metric("wiki", scores)
-    assert normalise_score("acc", 1.0) == 1.0 and normalise_score("pass@1", 40.0) == 0.4
+    assert normalise_score("acc", 1.0) == 1.0 and normalise_score("mcc", 0.0) == 0.5
+
+
+def test_scores_use_the_declared_range_never_a_guess():
+    """A fraction metric reported as 55 is an error (not 0.55); a task declares the range of its own metric
+    in its YAML metadata; a metric with no declared range is not a score."""
+    declared = {"configs": {"judged": {"metadata": {"metric_ranges": {"rating": [1, 10]}}}}}
+    raw = {**declared, "results": {"judged": {"rating,none": 7.75, "novel,none": 3.0}}}
+    assert _parse_results(raw, ["judged"], subtasks=False) == {"judged": {"rating": 0.75}}
+    with pytest.raises(ConfigError, match=r"task 'judged': metric 'acc' = 55.0 is outside its declared range"):
+        _parse_results({"results": {"judged": {"acc,none": 55.0}}}, ["judged"], subtasks=False)
+    with pytest.raises(ConfigError, match="metric_ranges must map"):
+        _parse_results({"configs": {"t": {"metadata": {"metric_ranges": {"x": [2, 1]}}}},
+                        "results": {"t": {"x,none": 1.5}}}, ["t"], subtasks=False)
+    assert normalise_score("novel", 3.0) is None
 
 
 # ---------------------------------------------------------------- vLLM backend with a fake engine
@@ -228,6 +242,27 @@ def test_vllm_backend_starts_one_engine_and_reloads_weights_in_place(toy_world):
     ]
     assert worker.info()["engines_started"] == 1 and worker.info()["loads"] == 3
     assert add["toy_add"] > base["toy_add"] + 0.3
+
+
+def test_vllm_backend_reloads_when_files_change_in_place(toy_world, tmp_path):
+    """Same path, new weights (a trial directory rewritten): the engine reloads; untouched files: it does not."""
+    import shutil
+
+    model = tmp_path / "trial"
+    shutil.copytree(toy_world.base, model)
+    backend = VLLMBackend(engine_factory=FakeLLM, lm_factory=lambda *a, **k: None, reload_api="weights_path")
+    backend.load(model)
+    backend.load(model)
+    assert backend.llm.calls == []
+    shard = model / "model.safetensors"
+    tmp = model / "model.safetensors.tmp"
+    shutil.copyfile(toy_world.experts["add"] / "model.safetensors", tmp)
+    tmp.replace(shard)  # what a rewritten trial looks like: same name, new file
+    backend.load(model)
+    assert backend.llm.calls == [
+        ("collective_rpc", "reload_weights", (), {"weights_path": str(model), "is_checkpoint_format": True}),
+        ("reset_prefix_cache",),
+    ]
 
 
 def test_vllm_backend_reload_for_older_vllm_and_architecture_check(toy_world, tmp_path):
