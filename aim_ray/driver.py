@@ -11,6 +11,15 @@ only while it merges, so one pool serves many merges (Tune reuses it).
   bounded window) and chains the stages through object refs, so stage k works on micro-batch i while stage
   k+1 works on i-1. Calls on one actor run in submission order, so each module accumulates its micro-batches
   in the same order as the in-process path: the scales are bit-identical to `collect_activation_scales`.
+- Sensitivity scales are a pipeline too, one block at a time, forward down the stages and backward up them
+  (`calibration.SensitivityStage`): the last stage returns the gradient of its input hidden states as an
+  object ref, stage k backpropagates it through its own layers and hands back the gradient of its input. The
+  driver submits the forward of block i+W before the backward of block i (W blocks in flight), so stages
+  overlap, and each stage adds its blocks' gradients in block order: bit-identical to
+  `collect_sensitivity_scales`. No worker holds more than its own layer range.
+- Compute device and dtype: `auto` is resolved per worker (its GPU if Ray assigned one, else cpu); an `auto`
+  dtype is bfloat16 when every stage is on a GPU, else float32 (one dtype for the whole pipeline, the one in
+  the cache key).
 - Merge: the global shard plan (independent of K) is cut into K contiguous runs balanced by bytes. Every
   worker rebuilds the `MergeJob` from the picklable config (`engine.prepare`) and writes its shards with
   `engine.write_shard` into the shared hidden work dir; the driver records progress as shards complete (for
@@ -48,9 +57,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import MergeOptions, RemoteWorker, to_wire
 from .calibration import (
+    check_finite,
+    device_kind,
     iter_micro_batches,
     load_calibration_blocks,
     load_tokenizer,
+    resolve_dtype,
     scales_artifact,
     scales_cache_path,
 )
@@ -208,40 +220,84 @@ class WorkerPool:
         self.close()
 
     # -- calibration ----------------------------------------------------------------------------------
+    def compute(self, device: str = "auto", dtype: str = "auto", timeout_s: float = 120.0
+                ) -> tuple[list[str], str]:
+        """(device of each worker, the pipeline's dtype) for `device` / `dtype` (`auto` resolved as in the
+        module docstring). Raises the workers' CalibrationError for cuda on a worker without a GPU."""
+        devices = _get([a.compute_device.remote(device) for a in self.actors], timeout_s)
+        return devices, resolve_dtype(dtype, devices)
+
     def calibrate(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
                   dtype: str = "float32", max_inflight: int | None = None,
-                  attempts: int = 2) -> dict[str, torch.Tensor]:
-        """Pipelined activation scales over `ranges` (one stage per worker, in order). A failure inside the
-        pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times."""
+                  attempts: int = 2, kind: str = "activation", device: str = "auto",
+                  timeout_s: float = 3600.0) -> dict[str, torch.Tensor]:
+        """Pipelined scales of `kind` over `ranges` (one stage per worker, in order). A failure inside the
+        pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times.
+        `timeout_s` bounds every wait on a worker (one pipeline step, a stage's setup)."""
         if len(ranges) != len(self.actors):
             raise ValueError(f"{len(ranges)} ranges for {len(self.actors)} workers")
+        if kind not in ("activation", "sensitivity"):
+            raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
+        _, dtype = self.compute(device, dtype)
+        once = self._sensitivity_once if kind == "sensitivity" else self._calibrate_once
         for attempt in range(attempts):
             try:
-                return self._calibrate_once(base, ranges, blocks, micro_batch, dtype, max_inflight)
+                _get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head,
+                                                 dtype, kind, device)
+                      for a, r in zip(self.actors, ranges, strict=True)], timeout_s)
+                once(blocks, micro_batch, max_inflight, timeout_s)
+                scales: dict[str, torch.Tensor] = {}
+                for part in _get([a.get_scales.remote() for a in self.actors], timeout_s):
+                    scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
+                _get([a.stop_calibration.remote() for a in self.actors], timeout_s)
+                return scales
+            except ray.exceptions.GetTimeoutError:
+                raise CalibrationError(f"a calibration worker did not answer within {timeout_s:.0f} s") from None
             except (ray.exceptions.RayActorError, CalibrationError):
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _calibrate_once(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
-                        dtype: str, max_inflight: int | None) -> dict[str, torch.Tensor]:
-        _get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head, dtype)
-              for a, r in zip(self.actors, ranges, strict=True)])
+    def _calibrate_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
+                        timeout_s: float) -> None:
         window = max_inflight or 2 * len(self.actors)
         inflight: list[ray.ObjectRef] = []
         for batch in iter_micro_batches(blocks, micro_batch):
             if len(inflight) >= window:  # bound the hidden states alive in the object store
-                _get(inflight.pop(0))
+                _get(inflight.pop(0), timeout_s)
             ref = ray.put(to_wire(batch))
             for actor in self.actors:  # stage k's output ref is stage k+1's input: no driver round trip
                 ref = actor.calibrate_step.remote(ref)
             inflight.append(ref)
-        _get(inflight)
-        scales: dict[str, torch.Tensor] = {}
-        for part in _get([a.get_scales.remote() for a in self.actors]):
-            scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
-        _get([a.stop_calibration.remote() for a in self.actors])
-        return scales
+        _get(inflight, timeout_s)
+
+    def _sensitivity_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
+                          timeout_s: float) -> None:
+        """One block per step (|grad| is per block, as in process). Each actor runs its calls in submission
+        order, so submitting forward(i + W) before backward(i) is what overlaps the stages; it cannot
+        deadlock: backward(i) on stage k waits only on stage k+1's calls submitted before it."""
+        *body, last = self.actors
+        window = max_inflight or 2 * len(self.actors)
+        waiting: list[tuple[int, ray.ObjectRef]] = []  # blocks whose backward is not submitted yet
+        finished: list[ray.ObjectRef] = []
+
+        def backward(i: int, grad: ray.ObjectRef) -> None:
+            for actor in reversed(body):
+                grad = actor.sensitivity_backward.remote(i, grad)
+            finished.append(grad)
+            if len(finished) > window:
+                _get(finished.pop(0), timeout_s)
+
+        for i in range(blocks.shape[0]):
+            ref = ray.put(to_wire(blocks[i:i + 1]))
+            for actor in body:
+                ref = actor.sensitivity_forward.remote(i, ref)
+            waiting.append((i, last.sensitivity_last.remote(ref)))
+            if len(waiting) >= window:
+                backward(*waiting.pop(0))
+        for i, grad in waiting:
+            backward(i, grad)
+        _get(finished, timeout_s)
 
     # -- merge ----------------------------------------------------------------------------------------
     def merge_shards(self, job: MergeJob, options: MergeOptions, work: Path, todo: Sequence[Sequence[int]],
@@ -309,10 +365,10 @@ def _abandon(refs: list[ray.ObjectRef], timeout_s: float = 120.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
-def _get(refs: Any) -> Any:
+def _get(refs: Any, timeout: float | None = None) -> Any:
     """`ray.get`, re-raising a user error (`AimRayError`) raised in a worker as itself (no Ray wrapper)."""
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, AimRayError):
@@ -367,7 +423,7 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
     if aim is not None:
         source = f"scales {aim.scales}" if aim.scales else (
             f"{aim.kind} calibration {aim.calibration_or_default().model_dump()}"
-            + (f", pipelined over {cluster.workers} stage(s)" if aim.kind == "activation" else ""))
+            + f", pipelined over {cluster.workers} stage(s)")
         lines.append(f"AIM omega={aim.omega}, {source}")
     if cluster.workers == 1:
         lines.append("--workers 1: runs in this process, without Ray")
@@ -377,22 +433,26 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
 
 
 def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: CalibrationConfig,
-                       dtype: str = "float32", cache_root: str | os.PathLike | None = None,
-                       refresh: bool = False) -> Scales:
-    """Activation scales of the merge's base, computed by the pipeline, cached exactly like
-    `calibration.cached_calibrate` (same key), so one calibration serves single-process runs too."""
+                       dtype: str | None = None, cache_root: str | os.PathLike | None = None,
+                       refresh: bool = False, kind: str = "activation") -> Scales:
+    """Scales of the merge's base (`kind`), computed by the pipeline, cached exactly like
+    `calibration.cached_calibrate` (same key: base, settings, resolved compute dtype, kind), so one calibration
+    serves single-process runs too. `dtype` None: the calibration's (default auto)."""
     c = calibration
     base = job.base
-    path = scales_cache_path(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype, "activation",
+    devices, dtype = pool.compute(c.device, dtype or c.dtype)
+    path = scales_cache_path(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype, kind,
                              cache_root)
     if path.exists() and not refresh:
         return Scales.load(path)
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
     ranges = layer_ranges(job, len(pool.actors))
-    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype)
-    scales = scales_artifact(base, tensors, "activation", c.dataset, c.n_samples, c.block_size, blocks, c.split,
-                             dtype)
+    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype, kind=kind, device=c.device)
+    check_finite(tensors, dtype)
+    device = "+".join(sorted({device_kind(d) for d in devices}))
+    scales = scales_artifact(base, tensors, kind, c.dataset, c.n_samples, c.block_size, blocks, c.split, dtype,
+                             device)
     scales.save(path)
     return scales
 
@@ -401,15 +461,15 @@ AimFn = Callable[["WorkerPool"], tuple[RelaxFn | None, dict[str, str], dict[str,
 
 
 def pool_aim(job: MergeJob) -> AimFn:
-    """AIM for a distributed merge: activation scales from an `aim.calibration` come from the pipeline on the
-    pool (cache shared with the single-process path); a scales file or sensitivity scales go through
+    """AIM for a distributed merge: scales from an `aim.calibration` (activation or sensitivity) come from the
+    pipeline on the pool (cache shared with the single-process path); a scales file goes through
     `relaxer.aim_for_job` as in the single-process path. Either way the relaxation is the same object."""
 
     def aim(pool: WorkerPool) -> tuple[RelaxFn | None, dict[str, str], dict[str, Any]]:
         cfg = job.config.aim
-        if cfg is None or cfg.scales is not None or cfg.kind != "activation":
+        if cfg is None or cfg.scales is not None:
             return aim_for_job(job)
-        return aim_for_job(job, distributed_scales(pool, job, cfg.calibration_or_default()))
+        return aim_for_job(job, distributed_scales(pool, job, cfg.calibration_or_default(), kind=cfg.kind))
 
     return aim
 
