@@ -210,6 +210,27 @@ def test_cached_bf16_scales_record_their_dtype(base, data_file):
     assert not all(torch.equal(bf16[k], fp32[k]) for k in fp32)
 
 
+def test_tune_sweep_carries_device_and_dtype(base, data_file, tmp_path):
+    from aim_ray import tune
+    from aim_ray.config import TuneSweepConfig
+    from aim_ray.scales import Scales
+
+    cal = {"dataset": str(data_file), "n_samples": 20, "block_size": 16, "n_blocks": 2}
+    cfg = TuneSweepConfig(base_model=str(base), models=[str(base)], methods=["linear"],
+                          calibration={**cal, "device": "cpu", "dtype": "bf16"})
+    path, computed = tune.cached_scales(cfg)
+    assert computed and Scales.load(path).dtype == "bfloat16"
+    fp32 = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"dtype": "auto"})})
+    assert tune.cached_scales(fp32)[0] != path  # auto on this CPU: float32, its own key
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base_model: {base}\nmodels: [{base}]\nmethods: [linear]\nscales: {path}\n")
+    run = CliRunner().invoke(main, ["tune", str(sweep), "--storage", str(tmp_path / "runs"), "--dtype", "bf16"])
+    assert run.exit_code == 2
+    assert run.output.strip() == (f"aim-ray: error: --device/--dtype set how the sweep calibrates, but {sweep} "
+                                  f"uses scales: nothing is calibrated")
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
