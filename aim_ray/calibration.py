@@ -168,6 +168,7 @@ def _check_positive(**values: int | None) -> None:
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_warned_fp16_cpu: list[bool] = []
 
 
 def check_device(device: str | torch.device) -> str:
@@ -223,7 +224,8 @@ def resolve_dtype(dtype: str | torch.dtype, devices: Sequence[str]) -> str:
     dtype = check_dtype(dtype)
     if dtype == "auto":
         return "bfloat16" if devices and all(d.startswith("cuda") for d in devices) else "float32"
-    if dtype == "float16" and any(d == "cpu" for d in devices):
+    if dtype == "float16" and any(d == "cpu" for d in devices) and not _warned_fp16_cpu:
+        _warned_fp16_cpu.append(True)  # once per process: cached_calibrate and calibrate both resolve
         warnings.warn("calibration.dtype float16 on a CPU: most CPUs have no float16 matmul (measured ~50x "
                       "slower than float32); bfloat16 or float32 are the CPU choices", stacklevel=3)
     return dtype

@@ -233,7 +233,9 @@ class WorkerPool:
                   timeout_s: float = 3600.0) -> dict[str, torch.Tensor]:
         """Pipelined scales of `kind` over `ranges` (one stage per worker, in order). A failure inside the
         pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times.
-        `timeout_s` bounds every wait on a worker (one pipeline step, a stage's setup)."""
+        `timeout_s` bounds every wait on a worker (one pipeline step, a stage's setup). Sensitivity runs one
+        block per step (`micro_batch` is ignored); `max_inflight` is then the blocks between forward and
+        backward."""
         if len(ranges) != len(self.actors):
             raise ValueError(f"{len(ranges)} ranges for {len(self.actors)} workers")
         if kind not in ("activation", "sensitivity"):
@@ -389,27 +391,36 @@ def shard_assignment(job: MergeJob, workers: int) -> list[range]:
 
 
 def service_plan(job: MergeJob, options: ClusterOptions, calibration: CalibrationConfig | None = None,
-                 calib_dtype_bytes: int = 4) -> ServicePlan:
+                 kind: str = "activation") -> ServicePlan:
     """What `--dry-run` prints: per worker, its layer range, shards, bytes and memory estimates
     (calibration memory only when the merge calibrates)."""
     ranges = layer_ranges(job, options.workers)
     runs = shard_assignment(job, options.workers)
     shards = job.shards
-    cfg = job.base.config
     workers = []
     for r, run in zip(ranges, runs, strict=True):
         tensors = [t for i in run for t in shards[i]]
-        calib = 0
-        if calibration is not None:
-            calib = calibration_memory(r.nbytes * calib_dtype_bytes // job.out_dtype.itemsize,
-                                       calibration.micro_batch * calibration.block_size,
-                                       cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0),
-                                       cfg.get("vocab_size", 0), r.has_head)
+        calib = _calibration_bytes(job, r, calibration, kind) if calibration is not None else 0
         largest = max((math.prod(t.shape) for t in tensors), default=0)
         workers.append(WorkerPlan(r, run, sum(t.nbytes for t in tensors), calib, merge_memory(largest)))
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else "auto"
     bundle = {**options.bundle(0), **({"GPU": gpus} if gpus else {})}
     return ServicePlan(workers, len(shards), sum(t.nbytes for t in job.outputs), options.placement, bundle)
+
+
+def _calibration_bytes(job: MergeJob, r: LayerRange, c: CalibrationConfig, kind: str) -> int:
+    """Peak bytes of one calibration stage, in the compute dtype (auto counts as float32: an upper bound).
+    Sensitivity: one block at a time, but autograd keeps every layer's activations, float32 |grad| sums
+    and the logits' softmax and gradient."""
+    width = 2 if c.dtype in ("bfloat16", "float16") else 4
+    weights = r.nbytes * width // job.out_dtype.itemsize
+    cfg = job.base.config
+    hidden, inter, vocab = (cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    if kind != "sensitivity":
+        return calibration_memory(weights, c.micro_batch * c.block_size, hidden, inter, vocab, r.has_head, width)
+    per_layer = calibration_memory(0, c.block_size, hidden, inter, 0, False, width)
+    sums = r.nbytes * 4 // job.out_dtype.itemsize
+    return weights + sums + per_layer * max(1, len(r.layers)) + (3 * c.block_size * vocab * 4 if r.has_head else 0)
 
 
 def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
@@ -427,7 +438,8 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
         lines.append(f"AIM omega={aim.omega}, {source}")
     if cluster.workers == 1:
         lines.append("--workers 1: runs in this process, without Ray")
-    plan = service_plan(job, cluster, aim.calibration_or_default() if calibrates and aim else None)
+    plan = service_plan(job, cluster, aim.calibration_or_default() if calibrates and aim else None,
+                        aim.kind if aim else "activation")
     lines.append(plan.describe())
     return "\n".join(lines)
 

@@ -85,9 +85,15 @@ def test_option_errors_name_the_option():
         resolve_compute("cuda:1", "auto", cuda=False)
 
 
-def test_float16_on_cpu_warns_but_runs():
+def test_float16_on_cpu_warns_once_but_runs(monkeypatch):
+    from aim_ray import calibration
+
+    monkeypatch.setattr(calibration, "_warned_fp16_cpu", [])
     with pytest.warns(UserWarning, match="float16 on a CPU"):
         assert resolve_compute("cpu", "fp16") == ("cpu", "float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_compute("cpu", "fp16") == ("cpu", "float16")  # not twice (cached_calibrate + calibrate)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # bfloat16 on a CPU is fine (fast where the CPU has bf16 instructions)
         resolve_compute("cpu", "bfloat16")
@@ -249,3 +255,28 @@ def test_bf16_on_cuda_close_to_float32_on_cpu(base, kind):
     # float32 on cuda vs cpu: summation order only (why they share a cache key)
     assert _max_da(gpu32, cpu32) < 1e-4
     assert _max_da(gpu16, cpu32) < (BF16_ACT_DA if kind == "activation" else BF16_SENS_DA)
+
+
+def test_dry_run_sizes_the_calibration_it_will_run(tmp_path):
+    from aim_ray.driver import ClusterOptions, dry_run_plan, service_plan
+    from aim_ray.engine import prepare
+
+    base, [expert] = build_tiny_family(tmp_path / "family", "llama", n_experts=1, num_layers=4)
+
+    def plan(kind: str, dtype: str):
+        path = tmp_path / f"{kind}-{dtype}.yaml"
+        path.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels: [{{model: {expert}, "
+                        f"parameters: {{weight: 1.0}}}}]\naim: {{kind: {kind}, calibration: {{dtype: {dtype}}}}}\n")
+        cfg = load_merge_config(path)
+        stages = service_plan(prepare(cfg), ClusterOptions(workers=2), cfg.aim.calibration, kind).workers
+        return [w.calib_bytes for w in stages], dry_run_plan(cfg, ClusterOptions(workers=2))
+
+    act32, text = plan("activation", "float32")
+    act16, _ = plan("activation", "bfloat16")
+    sens32, sens_text = plan("sensitivity", "float32")
+    sens16, _ = plan("sensitivity", "bfloat16")
+    assert "sensitivity calibration" in sens_text and "pipelined over 2 stage(s)" in sens_text
+    assert "'dtype': 'float32'" in text and "'device': 'auto'" in text
+    assert all(h < s for h, s in zip(act16 + sens16, act32 + sens32))  # half the weights and activations
+    # sensitivity: one 512-token block, but float32 |grad| sums of every weight and every layer's activations
+    assert all(s != a for s, a in zip(sens32, act32))
