@@ -1,7 +1,8 @@
 """The Ray actor of the merge service: `LayerRangeWorker`, one per GPU (or CPU slot).
 
 A worker is generic: it owns a layer range only while it calibrates (`calibration.StageRunner`, only that
-range's base weights loaded, scale hooks on its modules), and a run of output shards only while it merges
+range's base weights loaded, scale hooks on its modules; or a `calibration.SensitivityStage`, which also runs
+the backward of its range), and a run of output shards only while it merges
 (`engine.write_shard` into the shared hidden work dir). It knows nothing of the pool or the plan: the driver
 (`driver.py`) places the actors, chains the pipeline and commits the output. Tensors cross the object store as
 numpy arrays (`to_wire` / `from_wire`).
@@ -20,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from .calibration import StageRunner
+from .calibration import SensitivityStage, StageRunner, cuda_usable, resolve_device
 from .checkpoint import DEFAULT_SHARD_SIZE
 from .config import MergeConfig
 from .engine import MergeJob, RelaxFn, prepare, set_merge_threads, write_shard
@@ -75,8 +76,8 @@ class LayerRangeWorker:
         set_merge_threads(int(cpus))
         self._job_key: str | None = None
         self._job: MergeJob | None = None
-        self._stage = None
-        self._busy_s = 0.0  # seconds spent in calibrate_step since the last start_calibration
+        self._stage: StageRunner | SensitivityStage | None = None
+        self._busy_s = 0.0  # seconds spent in calibration steps since the last start_calibration
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (tests and the merge report use it)."""
@@ -96,28 +97,68 @@ class LayerRangeWorker:
 
     @staticmethod
     def _device() -> str:
-        return "cuda" if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+        return "cuda" if cuda_usable() else "cpu"
+
+    def compute_device(self, device: str = "auto") -> str:
+        """The device this worker calibrates on for `device` (auto: its GPU if Ray assigned one, else cpu);
+        a CalibrationError if it was asked for cuda and has no GPU."""
+        return resolve_device(device)
 
     # -- calibration stage ----------------------------------------------------------------------------
     def start_calibration(self, base: str, layer_start: int, layer_end: int, is_first: bool, is_last: bool,
-                          dtype: str = "float32") -> None:
-        """Load only this range's base weights and hook its modules (restarting any earlier recording)."""
+                          dtype: str = "float32", kind: str = "activation", device: str = "auto") -> None:
+        """Load only this range's base weights and hook its modules (activation) or make them require
+        gradients (sensitivity), restarting any earlier calibration."""
         self._stage, self._busy_s = None, 0.0
-        stage = StageRunner(base, layer_start, layer_end, is_first=is_first, is_last=is_last, dtype=dtype,
-                            device=self._device())
-        stage.start_recording()
-        self._stage = stage
+        runner = StageRunner(base, layer_start, layer_end, is_first=is_first, is_last=is_last, dtype=dtype,
+                             device=resolve_device(device))
+        if kind == "sensitivity":
+            self._stage = SensitivityStage(runner)
+        else:
+            runner.start_recording()
+            self._stage = runner
+
+    def _stage_of(self, kind: type) -> Any:
+        if not isinstance(self._stage, kind):  # e.g. this actor was restarted mid-pipeline: its sums are gone
+            raise CalibrationError(f"worker {self.worker}: {kind.__name__} calibration stage not set up "
+                                   f"(worker restarted?)")
+        return self._stage
 
     def calibrate_step(self, payload: tuple[str, np.ndarray]) -> tuple[str, np.ndarray] | int:
         """Run one micro-batch through this stage. Returns hidden states, or (last stage) the token count."""
-        if self._stage is None:  # e.g. this actor was restarted mid-pipeline: its sums are gone
-            raise CalibrationError(f"worker {self.worker}: calibration stage not set up (worker restarted?)")
+        stage = self._stage_of(StageRunner)
         start = time.perf_counter()
         x = from_wire(payload)
-        out = self._stage.forward(x)
-        result = int(x.shape[0] * x.shape[1]) if self._stage.is_last else to_wire(out)  # logits stay here
+        out = stage.forward(x)
+        result = int(x.shape[0] * x.shape[1]) if stage.is_last else to_wire(out)  # logits stay here
         self._busy_s += time.perf_counter() - start
         return result
+
+    def sensitivity_forward(self, key: int, payload: tuple[str, np.ndarray]) -> tuple[str, np.ndarray]:
+        """Block `key` through this (not last) stage: keep its input, return the output hidden states."""
+        stage = self._stage_of(SensitivityStage)
+        start = time.perf_counter()
+        out = to_wire(stage.forward(key, from_wire(payload)))
+        self._busy_s += time.perf_counter() - start
+        return out
+
+    def sensitivity_last(self, payload: tuple[str, np.ndarray]) -> tuple[str, np.ndarray] | int:
+        """The last stage: forward, entropy loss, backward. Returns the gradient of its input hidden states
+        (0 when it is also the first stage)."""
+        stage = self._stage_of(SensitivityStage)
+        start = time.perf_counter()
+        grad = stage.last(from_wire(payload))
+        self._busy_s += time.perf_counter() - start
+        return 0 if grad is None else to_wire(grad)
+
+    def sensitivity_backward(self, key: int, payload: tuple[str, np.ndarray]) -> tuple[str, np.ndarray] | int:
+        """The gradient of block `key`'s output of this stage in, the gradient of its input out (0 for the
+        first stage): this stage's parameters add their |gradient|."""
+        stage = self._stage_of(SensitivityStage)
+        start = time.perf_counter()
+        grad = stage.backward(key, from_wire(payload))
+        self._busy_s += time.perf_counter() - start
+        return 0 if grad is None else to_wire(grad)
 
     def busy_seconds(self) -> float:
         """Compute time of the last calibration on this stage (pipeline utilisation = busy / wall)."""
@@ -130,7 +171,7 @@ class LayerRangeWorker:
 
     def stop_calibration(self) -> None:
         """Drop the stage's weights before merging."""
-        if self._stage is not None:
+        if isinstance(self._stage, StageRunner):
             self._stage.stop_recording()
         self._stage = None
 

@@ -16,9 +16,21 @@ rotary embedding and causal masks), so the union of the stages' scales equals ho
 
 Sensitivity (eq. 5): `G = sum over blocks b of |d H_b / d theta|` where `H_b` is the mean over the block's
 tokens of the entropy of softmax(logits). The per-block mean only rescales every block by the same
-1/block_size, which the per-tensor max normalisation removes. Computed on the whole model (one stage holding
-every layer), one block per backward pass. With tied embeddings the head gets its own gradient (the embedding
-use is excluded), because the tied tensor is relaxed as the head.
+1/block_size, which the per-tensor max normalisation removes. One block per backward pass (the |.| is per
+block). `SensitivityStage` splits it by layer range: a stage keeps its input hidden states, hands its output
+on, and later gets the gradient of that output, recomputes its forward with autograd, backpropagates through
+its own layers only, adds |grad| of its parameters and returns the gradient of its input. The ops are those of
+the whole-model backward, so any chain of stages gives the very scales one stage does. With tied embeddings
+the head gets its own gradient (the embedding use is excluded), because the tied tensor is relaxed as the head.
+
+Compute device and dtype (`resolve_compute`): `auto` is cuda + bfloat16 where this process may use a GPU
+(`torch.cuda.is_available()` and, inside a Ray worker, a GPU id assigned), else cpu + float32. Whatever the
+compute dtype, the scale statistics (sums of |x|, of |grad|) accumulate in float32. float16 is allowed on a
+CPU with a warning: CPUs without float16 matmul run it ~50x slower than float32 (bfloat16 is the fast
+half-precision choice there). The compute dtype is part of the cache key (bfloat16 scales differ from float32
+ones by ~1e-2 relative); the device is not: float32 on cpu and on cuda differ only by float32 summation order
+(~1e-6 relative), far below what a relaxation factor in [omega, 1] can show, so one float32 calibration
+serves both. The artifact's metadata records both.
 
 Differences from the reference implementation: it accumulates scales in bfloat16 (we use float32, whatever the
 compute dtype), it does not check the checkpoint's vocabulary/shape against the config (we refuse mismatches),
@@ -29,6 +41,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,6 +161,86 @@ def _check_positive(**values: int | None) -> None:
     for option, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise CalibrationError(f"calibration.{option} must be a positive integer, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------- device, dtype
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_warned_fp16_cpu: list[bool] = []
+
+
+def check_device(device: str | torch.device) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (syntax only; `resolve_compute` checks a GPU is there)."""
+    text = str(device).strip().lower()
+    if not _DEVICE.fullmatch(text):
+        raise CalibrationError(f"calibration.device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return text
+
+
+def check_dtype(dtype: str | torch.dtype) -> str:
+    """`auto` or a compute dtype name (aliases fp32/bf16/fp16 accepted)."""
+    text = str(dtype).strip().lower().removeprefix("torch.")
+    text = _DTYPE_ALIASES.get(text, text)
+    if text != "auto" and text not in COMPUTE_DTYPES:
+        raise CalibrationError(f"calibration.dtype (--dtype) must be auto, {', '.join(COMPUTE_DTYPES)}, "
+                               f"got {dtype!r}")
+    return text
+
+
+def cuda_usable() -> bool:
+    """May this process compute on a GPU: CUDA is available and, inside a Ray worker, a GPU id is assigned
+    (a worker without one must not grab the node's GPU 0)."""
+    if not torch.cuda.is_available():
+        return False
+    ray = sys.modules.get("ray")  # never import Ray for this: the single-process path does not use it
+    if ray is not None and ray.is_initialized():
+        worker = getattr(ray.get_runtime_context(), "worker", None)
+        if getattr(worker, "mode", None) == ray.WORKER_MODE:
+            return bool(ray.get_gpu_ids())
+    return True
+
+
+def resolve_device(device: str | torch.device = "auto", cuda: bool | None = None) -> str:
+    """The device to compute on: `auto` -> cuda when usable else cpu; a cuda device needs a usable GPU."""
+    device = check_device(device)
+    cuda = cuda_usable() if cuda is None else cuda
+    if device == "auto":
+        return "cuda" if cuda else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not cuda:
+            raise CalibrationError(f"calibration.device (--device) {device!r}: no CUDA GPU is usable here; "
+                                   f"use --device cpu or auto")
+        if index >= torch.cuda.device_count():
+            raise CalibrationError(f"calibration.device (--device) {device!r}: only "
+                                   f"{torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, devices: Sequence[str]) -> str:
+    """`auto` -> bfloat16 when every device is a GPU, else float32. Warns on float16 on a CPU."""
+    dtype = check_dtype(dtype)
+    if dtype == "auto":
+        return "bfloat16" if devices and all(d.startswith("cuda") for d in devices) else "float32"
+    if dtype == "float16" and any(d == "cpu" for d in devices) and not _warned_fp16_cpu:
+        _warned_fp16_cpu.append(True)  # once per process: cached_calibrate and calibrate both resolve
+        warnings.warn("calibration.dtype float16 on a CPU: most CPUs have no float16 matmul (measured ~50x "
+                      "slower than float32); bfloat16 or float32 are the CPU choices", stacklevel=3)
+    return dtype
+
+
+def resolve_compute(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                    cuda: bool | None = None) -> tuple[str, str]:
+    """(device, dtype name) this process calibrates with; see the module docstring for `auto`."""
+    resolved = resolve_device(device, cuda)
+    return resolved, resolve_dtype(dtype, [resolved])
+
+
+def device_kind(device: str | torch.device) -> str:
+    """`cuda` for any `cuda:N`: what the artifact's metadata records."""
+    return str(device).partition(":")[0]
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -303,6 +398,17 @@ class StageRunner:
                     out[name] = module
         return out
 
+    def relaxed_parameters(self) -> dict[str, nn.Parameter]:
+        """This stage's relaxed parameters (every `.weight` but embeddings), by full HF name, set to require
+        gradients. `lm_head` is its own Parameter even when tied: it gets its head-only gradient."""
+        params = {}
+        for prefix, module in self.modules.items():
+            for pname, p in module.named_parameters():
+                name = f"{prefix}.{pname}"
+                if name.endswith(".weight") and not is_embedding(name):
+                    params[name] = p.requires_grad_(True)
+        return params
+
     def start_recording(self) -> None:
         """Hook this stage's modules; every later forward adds its tokens to the scales."""
         self.stop_recording()
@@ -353,6 +459,76 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+FP16_LOSS_SCALE = 1024.0
+
+
+class SensitivityStage:
+    """The sensitivity scales of one `StageRunner`: sum over blocks of |d entropy / d theta| (float32).
+
+    One block per call. A stage that is not last: `forward(key, x)` keeps `x` and returns the stage's output;
+    `backward(key, grad_out)` recomputes the forward with autograd, backpropagates `grad_out` through this
+    stage only, adds |grad| of its parameters, and returns the gradient of `x` (None for the first stage). The
+    last stage does both at once in `last(x)`, starting from the entropy loss. Keeping `x` instead of the
+    autograd graph bounds the memory by the blocks in flight times one hidden state, at the cost of a second
+    forward; the recomputed forward is the same op sequence, so nothing changes in the result.
+
+    float16 has too little range below 1 for these gradients (on a tiny Llama with 64-token blocks, 0.05% of
+    them underflowed to 0 and the worst error was 12% of the tensor's max): the loss is scaled by
+    `FP16_LOSS_SCALE` (a power of two, so dividing the float32 sums back is exact) and the worst error drops to
+    0.4%. An overflow shows as non-finite scales, which `check_finite` refuses. bfloat16 has float32's range.
+    """
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+        self.loss_scale = FP16_LOSS_SCALE if runner.dtype == torch.float16 else 1.0
+        self.params = runner.relaxed_parameters()
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                     for name, p in self.params.items()}
+        self._inputs: dict[int, torch.Tensor] = {}
+        self.blocks = 0
+
+    def forward(self, key: int, x: torch.Tensor) -> torch.Tensor:
+        if self.runner.is_last:
+            raise CalibrationError("the last sensitivity stage runs forward and backward at once: call last()")
+        self._inputs[key] = x
+        return self.runner.forward(x)
+
+    def backward(self, key: int, grad_out: torch.Tensor) -> torch.Tensor | None:
+        if key not in self._inputs:
+            raise CalibrationError(f"stage [{self.runner.layer_start}, {self.runner.layer_end}): no forward "
+                                   f"kept for block {key} (worker restarted?)")
+        return self._backprop(self._inputs.pop(key), grad_out)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.runner.is_last:
+            raise CalibrationError("last() is for the stage that owns lm_head")
+        return self._backprop(x, None)
+
+    def _backprop(self, x: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        runner = self.runner
+        wants_input = not runner.is_first
+        if wants_input:  # a fresh leaf (x may be an inference tensor or a read-only wire buffer)
+            x = x.detach().to(runner.device, runner.dtype).clone().requires_grad_(True)
+        inputs = [*self.params.values(), *([x] if wants_input else [])]
+        self.blocks += 1
+        if not inputs:  # e.g. a first stage that holds only the embedding
+            return None
+        with torch.enable_grad():
+            out = runner.run(x)
+            if grad_out is None:
+                loss = entropy_loss(out)
+                target, seed = (loss * self.loss_scale if self.loss_scale != 1.0 else loss), None
+            else:
+                target, seed = out, grad_out.to(out.device, out.dtype)
+            grads = torch.autograd.grad(target, inputs, grad_outputs=seed)
+        for name, g in zip(self.params, grads, strict=False):
+            self.sums[name] += g.abs().float()
+        return grads[-1].detach() if wants_input else None
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        return {name: (g / self.loss_scale if self.loss_scale != 1.0 else g).cpu() for name, g in self.sums.items()}
 
 
 def _no_cache(mask_builder: Callable) -> dict[str, None]:
@@ -411,56 +587,77 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def collect_sensitivity_scales(base: str | os.PathLike | Checkpoint, blocks: torch.Tensor,
-                               dtype: torch.dtype | str = torch.float32,
-                               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """`G = sum_b |d entropy_loss(block b) / d theta|` for every relaxed parameter (not embeddings/biases)."""
+                               dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+                               layer_ranges: Sequence[tuple[int, int]] | None = None
+                               ) -> dict[str, torch.Tensor]:
+    """`G = sum_b |d entropy_loss(block b) / d theta|` for every relaxed parameter (not embeddings/biases),
+    in process: the whole model as one stage, or chained `SensitivityStage`s over `layer_ranges`."""
     ckpt = open_checkpoint(base)
-    runner = StageRunner(ckpt, 0, int(ckpt.config["num_hidden_layers"]), True, True, dtype, device)
-    params = {}
-    for prefix, module in runner.modules.items():
-        for pname, p in module.named_parameters():
-            name = f"{prefix}.{pname}"
-            if name.endswith(".weight") and not is_embedding(name):
-                p.requires_grad_(True)  # lm_head is its own Parameter even when tied: its gradient alone
-                params[name] = p
-    grads = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
-    for block in blocks:
-        loss = entropy_loss(runner.run(block.unsqueeze(0)))
-        for name, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
-            grads[name] += g.abs().float()
-    return {name: g.cpu() for name, g in grads.items()}
+    ranges = _stage_ranges(int(ckpt.config["num_hidden_layers"]), layer_ranges)
+    last = len(ranges) - 1
+    stages = [SensitivityStage(StageRunner(ckpt, a, b, k == 0, k == last, dtype, device))
+              for k, (a, b) in enumerate(ranges)]
+    for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=None, leave=False)):
+        x = block.unsqueeze(0)
+        for stage in stages[:-1]:
+            x = stage.forward(i, x)
+        grad = stages[-1].last(x)
+        for stage in reversed(stages[:-1]):
+            grad = stage.backward(i, grad)
+    scales: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        scales.update(stage.scales())
+    return scales
+
+
+def check_finite(scales: Mapping[str, torch.Tensor], dtype: str | torch.dtype) -> None:
+    """A half-precision overflow shows as inf/NaN scales: say so, with the fix, before anything is saved."""
+    for name, t in scales.items():
+        if not bool(torch.isfinite(t).all()):
+            raise CalibrationError(f"calibration in {str(dtype).removeprefix('torch.')} gave non-finite scales "
+                                   f"for {name!r} (overflow?); use --dtype bfloat16 or float32")
 
 
 def calibrate(base: str | os.PathLike | Checkpoint, dataset: str = DEFAULT_DATASET, n_samples: int = 256,
               block_size: int = 512, n_blocks: int | None = None, kind: str = "activation",
-              split: str = DEFAULT_SPLIT, micro_batch: int = 4, dtype: torch.dtype | str = torch.float32,
-              device: str | torch.device = "cpu",
+              split: str = DEFAULT_SPLIT, micro_batch: int = 4, dtype: torch.dtype | str = "auto",
+              device: str | torch.device = "auto",
               layer_ranges: Sequence[tuple[int, int]] | None = None) -> Scales:
     """Compute the scales artifact of `base` (no cache; see `cached_calibrate`)."""
     ckpt = open_checkpoint(base)
+    _check_kind(kind)
+    device, dtype = resolve_compute(device, dtype)
     tokenizer = load_tokenizer(ckpt.path)
     blocks = load_calibration_blocks(tokenizer, dataset, n_samples, block_size, n_blocks, split)
     if kind == "activation":
         tensors = collect_activation_scales(ckpt, blocks, layer_ranges, micro_batch, dtype, device)
-    elif kind == "sensitivity":
-        tensors = collect_sensitivity_scales(ckpt, blocks, dtype, device)
     else:
+        tensors = collect_sensitivity_scales(ckpt, blocks, dtype, device, layer_ranges)
+    check_finite(tensors, dtype)
+    return scales_artifact(ckpt, tensors, kind, dataset, n_samples, block_size, blocks, split, dtype,
+                           device_kind(device))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("activation", "sensitivity"):
         raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
-    return scales_artifact(ckpt, tensors, kind, dataset, n_samples, block_size, blocks, split, dtype)
 
 
 def scales_artifact(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], kind: str, dataset: str, n_samples: int,
-                    block_size: int, blocks: torch.Tensor, split: str, dtype: torch.dtype | str) -> Scales:
-    """The artifact of scales computed on `blocks` (in process or by the Ray pipeline), with its metadata."""
+                    block_size: int, blocks: torch.Tensor, split: str, dtype: torch.dtype | str,
+                    device: str | None = None) -> Scales:
+    """The artifact of scales computed on `blocks` (in process or by the Ray pipeline), with its metadata:
+    `dtype` is the compute dtype (the scales themselves are float32), `device` where they were computed."""
     return Scales(tensors=tensors, kind=kind, base_model=ckpt.source, content_hash=ckpt.content_hash(),
                   dataset=str(dataset), n_samples=n_samples, block_size=block_size, n_blocks=blocks.shape[0],
-                  dtype=str(parse_dtype(dtype)).removeprefix("torch."), n_tokens=blocks.numel(),
+                  dtype=str(parse_dtype(dtype)).removeprefix("torch."), n_tokens=blocks.numel(), device=device,
                   extra={"split": split, "dataset_fingerprint": dataset_fingerprint(str(dataset), split)})
 
 
 def calibration_settings(ckpt: Checkpoint, dataset: str, n_samples: int, block_size: int,
                          n_blocks: int | None, split: str, dtype: torch.dtype | str) -> dict[str, Any]:
-    """Everything besides the weights and the kind that changes the scales (not micro_batch, device)."""
+    """Everything besides the weights and the kind that changes the scales: the compute dtype (resolved, not
+    `auto`) but not the device (float32 on cpu and cuda share a key) nor micro_batch."""
     return {"dataset": dataset_fingerprint(str(dataset), split), "n_samples": n_samples,
             "block_size": block_size, "n_blocks": n_blocks, "dtype": str(parse_dtype(dtype)),
             "tokenizer": _tokenizer_fingerprint(ckpt.path), "shuffle_seed": SHUFFLE_SEED}
@@ -485,11 +682,12 @@ def scales_cache_path(ckpt: Checkpoint, dataset: str, n_samples: int, block_size
 def cached_calibrate(base: str | os.PathLike | Checkpoint, dataset: str = DEFAULT_DATASET,
                      n_samples: int = 256, block_size: int = 512, n_blocks: int | None = None,
                      kind: str = "activation", split: str = DEFAULT_SPLIT, micro_batch: int = 4,
-                     dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | str = "auto", device: str | torch.device = "auto",
                      cache_root: str | os.PathLike | None = None,
                      refresh: bool = False) -> Scales:
     """`calibrate`, memoised on disk under `cache_root` (default `$AIM_RAY_CACHE/scales`)."""
     ckpt = open_checkpoint(base)
+    device, dtype = resolve_compute(device, dtype)
     path = scales_cache_path(ckpt, dataset, n_samples, block_size, n_blocks, split, dtype, kind, cache_root)
     if path.exists() and not refresh:
         return Scales.load(path)

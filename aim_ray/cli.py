@@ -69,6 +69,24 @@ def set_threads(threads: int) -> None:
     set_merge_threads(threads)
 
 
+def compute_options(fn):
+    """`--device` / `--dtype`: where and in what dtype calibration computes (the scales accumulate in float32)."""
+    fn = click.option("--dtype", "calib_dtype", default=None,
+                      help="Calibration compute dtype: auto | float32 | bfloat16 | float16 [default: the config's, "
+                           "else auto: bfloat16 on cuda, float32 on cpu]. Scales accumulate in float32.")(fn)
+    return click.option("--device", default=None,
+                        help="Calibration device: auto | cpu | cuda | cuda:N [default: the config's, else auto: "
+                             "cuda when a GPU is usable, else cpu].")(fn)
+
+
+def checked_compute(device: str | None, dtype: str | None) -> dict[str, str]:
+    """The given --device / --dtype, validated (one-line error naming the option), as calibration fields."""
+    from .calibration import check_device, check_dtype
+
+    return {**({"device": check_device(device)} if device is not None else {}),
+            **({"dtype": check_dtype(dtype)} if dtype is not None else {})}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aim-ray")
 def main() -> None:
@@ -99,18 +117,19 @@ def main() -> None:
               help="Placement-group strategy for the workers.")
 @click.option("--dry-run", is_flag=True,
               help="Validate and print the plan (ranges, shards, memory per worker); write nothing.")
+@compute_options
 @threads_option
 @user_errors
 def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, resume: bool,
           allow_pickle: bool, allow_nonfinite: bool, quiet: bool, workers: int, address: str | None,
           cpus_per_worker: float, gpus_per_worker: float | None, placement: str, dry_run: bool,
-          threads: int) -> None:
+          device: str | None, calib_dtype: str | None, threads: int) -> None:
     """Merge the experts of a MergeKit-schema CONFIG (YAML), with AIM if it has an `aim:` section."""
     from .config import load_merge_config
     from .service import merge_from_config
 
     set_threads(threads)
-    cfg = load_merge_config(config)
+    cfg = _with_compute(load_merge_config(config), checked_compute(device, calib_dtype), config)
     cluster = None
     if workers > 1 or dry_run:
         from .driver import ClusterOptions
@@ -126,6 +145,20 @@ def merge(config: Path, out: Path, seed: int, shard_size: int, overwrite: bool, 
                              allow_pickle=allow_pickle, check_finite=not allow_nonfinite, progress=not quiet,
                              cluster=cluster)
     click.echo(f"wrote {path}")
+
+
+def _with_compute(cfg, compute: dict[str, str], source: Path):
+    """`cfg` with --device / --dtype set in its aim.calibration (refused when nothing is calibrated)."""
+    from .errors import ConfigError
+
+    if not compute:
+        return cfg
+    aim = cfg.aim
+    if aim is None or aim.scales is not None:
+        raise ConfigError(f"--device/--dtype set how the merge calibrates, but {source} "
+                          f"{'has no aim section' if aim is None else 'uses aim.scales'}: nothing is calibrated")
+    calibration = aim.calibration_or_default().model_copy(update=compute)
+    return cfg.model_copy(update={"aim": aim.model_copy(update={"calibration": calibration})})
 
 
 def calibration_options(fn):
@@ -153,20 +186,22 @@ def calibration_options(fn):
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Scales file to write (safetensors).")
 @calibration_options
+@compute_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing scales file.")
 @user_errors
 def calibrate(base: str, out: Path, data: str, split: str, n_samples: int, block_size: int, n_blocks: int | None,
-              micro_batch: int, kind: str, overwrite: bool) -> None:
+              micro_batch: int, kind: str, device: str | None, calib_dtype: str | None, overwrite: bool) -> None:
     """Compute AIM scales of the BASE model (cached: the same calibration is never computed twice)."""
     from .calibration import cached_calibrate
     from .errors import OutputExistsError
 
+    compute = checked_compute(device, calib_dtype)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
     scales = cached_calibrate(base, dataset=data, n_samples=n_samples, block_size=block_size, n_blocks=n_blocks,
-                              kind=kind, split=split, micro_batch=micro_batch)
+                              kind=kind, split=split, micro_batch=micro_batch, **compute)
     scales.save(out)
-    click.echo(f"wrote {kind} scales for {len(scales)} modules to {out}")
+    click.echo(f"wrote {kind} scales for {len(scales)} modules to {out} ({scales.dtype} on {scales.device})")
 
 
 @main.command()
@@ -179,19 +214,21 @@ def calibrate(base: str, out: Path, data: str, split: str, n_samples: int, block
 @click.option("--force", is_flag=True, help="Accept scales computed for another base model.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@compute_options
 @threads_option
 @user_errors
 def relax(base: str, merged: str, scales_path: str | None, data: str, split: str, n_samples: int, block_size: int,
           n_blocks: int | None, micro_batch: int, kind: str, omega: float, out: Path, force: bool,
-          overwrite: bool, quiet: bool, threads: int) -> None:
+          overwrite: bool, quiet: bool, device: str | None, calib_dtype: str | None, threads: int) -> None:
     """Apply AIM to an existing merged checkpoint: theta = base + (1 - A(1 - omega)) (merged - base)."""
     from .service import relax_checkpoint
 
     set_threads(threads)
+    compute = checked_compute(device, calib_dtype)
     path = relax_checkpoint(base, merged, out, omega=omega, scales=scales_path, kind=kind, force=force,
                             calibration={"dataset": data, "split": split, "n_samples": n_samples,
                                          "block_size": block_size, "n_blocks": n_blocks,
-                                         "micro_batch": micro_batch},
+                                         "micro_batch": micro_batch, **compute},
                             overwrite=overwrite, progress=not quiet)
     click.echo(f"wrote {path}")
 
@@ -236,14 +273,23 @@ def eval_cmd(model: str, suite: str, backend: str, limit: int | None, batch_size
               help="Write the best trial's model here.")
 @click.option("--keep-models", is_flag=True, help="Keep every trial's model (default: deleted once scored).")
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS, else a local cluster].")
+@compute_options
 @user_errors
 def tune(config: Path, storage: Path, name: str, resume: bool, overwrite: bool, export_best: Path | None,
-         keep_models: bool, address: str | None) -> None:
+         keep_models: bool, address: str | None, device: str | None, calib_dtype: str | None) -> None:
     """Sweep omega x merge methods with Ray Tune; rank by HV Gain."""
     from .config import load_tune_config
+    from .errors import ConfigError
     from .tune import print_summary, sweep
 
-    result = sweep(load_tune_config(config), storage, name=name, resume=resume, overwrite=overwrite,
+    cfg = load_tune_config(config)
+    compute = checked_compute(device, calib_dtype)
+    if compute and cfg.scales is not None:
+        raise ConfigError(f"--device/--dtype set how the sweep calibrates, but {config} uses scales: nothing is "
+                          f"calibrated")
+    if compute:
+        cfg = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update=compute)})
+    result = sweep(cfg, storage, name=name, resume=resume, overwrite=overwrite,
                    export_best=export_best, keep_models=keep_models, address=address, echo=click.echo)
     print_summary(result, click.echo)
 

@@ -12,7 +12,8 @@
     aim:
       omega: 0.4
       scales: scales.safetensors          # or:
-      calibration: {dataset: mit-han-lab/pile-val-backup, n_samples: 256, block_size: 512}
+      calibration: {dataset: mit-han-lab/pile-val-backup, n_samples: 256, block_size: 512,
+                    device: auto, dtype: auto}     # auto: cuda + bfloat16 with a GPU, else cpu + float32
       kind: activation                    # or sensitivity
 
 Everything is checked here or in `engine.prepare` before a tensor is read or a file written.
@@ -47,6 +48,30 @@ class CalibrationConfig(_Strict):
     block_size: int = Field(512, gt=0)
     n_blocks: int | None = Field(None, gt=0)
     micro_batch: int = Field(4, gt=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (`calibration.resolve_compute`)
+    dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16 | float16; the scales accumulate in float32
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        from .calibration import check_device
+        from .errors import CalibrationError
+
+        try:
+            return check_device(v)
+        except CalibrationError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        from .calibration import check_dtype
+        from .errors import CalibrationError
+
+        try:
+            return check_dtype(v)
+        except CalibrationError as e:
+            raise ValueError(str(e)) from None
 
 
 class AimConfig(_Strict):

@@ -11,6 +11,15 @@ only while it merges, so one pool serves many merges (Tune reuses it).
   bounded window) and chains the stages through object refs, so stage k works on micro-batch i while stage
   k+1 works on i-1. Calls on one actor run in submission order, so each module accumulates its micro-batches
   in the same order as the in-process path: the scales are bit-identical to `collect_activation_scales`.
+- Sensitivity scales are a pipeline too, one block at a time, forward down the stages and backward up them
+  (`calibration.SensitivityStage`): the last stage returns the gradient of its input hidden states as an
+  object ref, stage k backpropagates it through its own layers and hands back the gradient of its input. The
+  driver submits the forward of block i+W before the backward of block i (W blocks in flight), so stages
+  overlap, and each stage adds its blocks' gradients in block order: bit-identical to
+  `collect_sensitivity_scales`. No worker holds more than its own layer range.
+- Compute device and dtype: `auto` is resolved per worker (its GPU if Ray assigned one, else cpu); an `auto`
+  dtype is bfloat16 when every stage is on a GPU, else float32 (one dtype for the whole pipeline, the one in
+  the cache key).
 - Merge: the global shard plan (independent of K) is cut into K contiguous runs balanced by bytes. Every
   worker rebuilds the `MergeJob` from the picklable config (`engine.prepare`) and writes its shards with
   `engine.write_shard` into the shared hidden work dir; the driver records progress as shards complete (for
@@ -49,9 +58,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import MergeOptions, RemoteWorker, to_wire
 from .calibration import (
+    check_finite,
+    device_kind,
     iter_micro_batches,
     load_calibration_blocks,
     load_tokenizer,
+    resolve_dtype,
     scales_artifact,
     scales_cache_path,
 )
@@ -240,45 +252,91 @@ class WorkerPool:
         self.close()
 
     # -- calibration ----------------------------------------------------------------------------------
+    def compute(self, device: str = "auto", dtype: str = "auto", timeout_s: float = 120.0
+                ) -> tuple[list[str], str]:
+        """(device of each worker, the pipeline's dtype) for `device` / `dtype` (`auto` resolved as in the
+        module docstring). Raises the workers' CalibrationError for cuda on a worker without a GPU."""
+        devices = self.get([a.compute_device.remote(device) for a in self.actors], timeout_s, "compute_device")
+        return devices, resolve_dtype(dtype, devices)
+
     def calibrate(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
                   dtype: str = "float32", max_inflight: int | None = None,
-                  attempts: int = 2) -> dict[str, torch.Tensor]:
-        """Pipelined activation scales over `ranges` (one stage per worker, in order). A failure inside the
-        pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times."""
+                  attempts: int = 2, kind: str = "activation", device: str = "auto",
+                  timeout_s: float | None = None) -> dict[str, torch.Tensor]:
+        """Pipelined scales of `kind` over `ranges` (one stage per worker, in order). A failure inside the
+        pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times.
+        `timeout_s` (default `call_timeout_s`) bounds every wait on a worker (one pipeline step, a stage's
+        setup); a timeout is a ClusterError naming the workers. Sensitivity runs one
+        block per step (`micro_batch` is ignored); `max_inflight` is then the blocks between forward and
+        backward."""
         if len(ranges) != len(self.actors):
             raise ValueError(f"{len(ranges)} ranges for {len(self.actors)} workers")
+        timeout_s = timeout_s or self.options.call_timeout_s
+        if kind not in ("activation", "sensitivity"):
+            raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
+        _, dtype = self.compute(device, dtype)
+        once = self._sensitivity_once if kind == "sensitivity" else self._calibrate_once
         for attempt in range(attempts):
             try:
-                return self._calibrate_once(base, ranges, blocks, micro_batch, dtype, max_inflight)
+                self.get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head,
+                                                     dtype, kind, device)
+                          for a, r in zip(self.actors, ranges, strict=True)], timeout_s, "loading the stages")
+                once(blocks, micro_batch, max_inflight, timeout_s)
+                scales: dict[str, torch.Tensor] = {}
+                for part in self.call_all("get_scales", timeout_s=timeout_s):
+                    scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
+                self.call_all("stop_calibration", timeout_s=timeout_s)
+                return scales
             except (ray.exceptions.RayActorError, CalibrationError):
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _calibrate_once(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
-                        dtype: str, max_inflight: int | None) -> dict[str, torch.Tensor]:
-        self.get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head, dtype)
-                  for a, r in zip(self.actors, ranges, strict=True)], None, "loading the calibration stages")
+    def _calibrate_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
+                        timeout_s: float) -> None:
         window = max_inflight or 2 * len(self.actors)
         inflight: list[ray.ObjectRef] = []
         for batch in iter_micro_batches(blocks, micro_batch):
             if len(inflight) >= window:  # bound the hidden states alive in the object store
-                self._pipeline_get([inflight.pop(0)])
+                self._pipeline_get([inflight.pop(0)], timeout_s)
             ref = ray.put(to_wire(batch))
             for actor in self.actors:  # stage k's output ref is stage k+1's input: no driver round trip
                 ref = actor.calibrate_step.remote(ref)
             inflight.append(ref)
-        self._pipeline_get(inflight)
-        scales: dict[str, torch.Tensor] = {}
-        for part in self.call_all("get_scales"):
-            scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
-        self.call_all("stop_calibration")
-        return scales
+        self._pipeline_get(inflight, timeout_s)
 
-    def _pipeline_get(self, refs: list[ray.ObjectRef]) -> None:
-        """Wait for micro-batches to leave the last stage; one call per stage each, so the wait is bounded by
-        K calls. A timeout names every stage (which one is stuck is not visible from the last stage's ref)."""
-        timeout_s = self.options.call_timeout_s * len(self.actors)
+    def _sensitivity_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
+                          timeout_s: float) -> None:
+        """One block per step (|grad| is per block, as in process). Each actor runs its calls in submission
+        order, so submitting forward(i + W) before backward(i) is what overlaps the stages; it cannot
+        deadlock: backward(i) on stage k waits only on stage k+1's calls submitted before it."""
+        *body, last = self.actors
+        window = max_inflight or 2 * len(self.actors)
+        waiting: list[tuple[int, ray.ObjectRef]] = []  # blocks whose backward is not submitted yet
+        finished: list[ray.ObjectRef] = []
+
+        def backward(i: int, grad: ray.ObjectRef) -> None:
+            for actor in reversed(body):
+                grad = actor.sensitivity_backward.remote(i, grad)
+            finished.append(grad)
+            if len(finished) > window:
+                self._pipeline_get([finished.pop(0)], timeout_s)
+
+        for i in range(blocks.shape[0]):
+            ref = ray.put(to_wire(blocks[i:i + 1]))
+            for actor in body:
+                ref = actor.sensitivity_forward.remote(i, ref)
+            waiting.append((i, last.sensitivity_last.remote(ref)))
+            if len(waiting) >= window:
+                backward(*waiting.pop(0))
+        for i, grad in waiting:
+            backward(i, grad)
+        self._pipeline_get(finished, timeout_s)
+
+    def _pipeline_get(self, refs: list[ray.ObjectRef], timeout_s: float) -> None:
+        """Wait for micro-batches to leave the pipeline; each passed one call per stage, so the wait is bounded
+        by K steps. A timeout names every stage (which one is stuck is not visible from the last stage's ref)."""
+        timeout_s = timeout_s * len(self.actors)
         _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if late:
             stages = ", ".join(self.describe(k) for k in range(len(self.actors)))
@@ -345,10 +403,10 @@ def _abandon(refs: list[ray.ObjectRef], timeout_s: float = 120.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
-def _get(refs: Any) -> Any:
+def _get(refs: Any, timeout: float | None = None) -> Any:
     """`ray.get`, re-raising a user error (`AimRayError`) raised in a worker as itself (no Ray wrapper)."""
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, AimRayError):
@@ -495,27 +553,36 @@ def shard_assignment(job: MergeJob, workers: int) -> list[range]:
 
 
 def service_plan(job: MergeJob, options: ClusterOptions, calibration: CalibrationConfig | None = None,
-                 calib_dtype_bytes: int = 4) -> ServicePlan:
+                 kind: str = "activation") -> ServicePlan:
     """What `--dry-run` prints: per worker, its layer range, shards, bytes and memory estimates
     (calibration memory only when the merge calibrates)."""
     ranges = layer_ranges(job, options.workers)
     runs = shard_assignment(job, options.workers)
     shards = job.shards
-    cfg = job.base.config
     workers = []
     for r, run in zip(ranges, runs, strict=True):
         tensors = [t for i in run for t in shards[i]]
-        calib = 0
-        if calibration is not None:
-            calib = calibration_memory(r.nbytes * calib_dtype_bytes // job.out_dtype.itemsize,
-                                       calibration.micro_batch * calibration.block_size,
-                                       cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0),
-                                       cfg.get("vocab_size", 0), r.has_head)
+        calib = _calibration_bytes(job, r, calibration, kind) if calibration is not None else 0
         largest = max((math.prod(t.shape) for t in tensors), default=0)
         workers.append(WorkerPlan(r, run, sum(t.nbytes for t in tensors), calib, merge_memory(largest)))
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else "auto"
     bundle = {**options.bundle(0), **({"GPU": gpus} if gpus else {})}
     return ServicePlan(workers, len(shards), sum(t.nbytes for t in job.outputs), options.placement, bundle)
+
+
+def _calibration_bytes(job: MergeJob, r: LayerRange, c: CalibrationConfig, kind: str) -> int:
+    """Peak bytes of one calibration stage, in the compute dtype (auto counts as float32: an upper bound).
+    Sensitivity: one block at a time, but autograd keeps every layer's activations, float32 |grad| sums
+    and the logits' softmax and gradient."""
+    width = 2 if c.dtype in ("bfloat16", "float16") else 4
+    weights = r.nbytes * width // job.out_dtype.itemsize
+    cfg = job.base.config
+    hidden, inter, vocab = (cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    if kind != "sensitivity":
+        return calibration_memory(weights, c.micro_batch * c.block_size, hidden, inter, vocab, r.has_head, width)
+    per_layer = calibration_memory(0, c.block_size, hidden, inter, 0, False, width)
+    sums = r.nbytes * 4 // job.out_dtype.itemsize
+    return weights + sums + per_layer * max(1, len(r.layers)) + (3 * c.block_size * vocab * 4 if r.has_head else 0)
 
 
 def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
@@ -529,32 +596,37 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
     if aim is not None:
         source = f"scales {aim.scales}" if aim.scales else (
             f"{aim.kind} calibration {aim.calibration_or_default().model_dump()}"
-            + (f", pipelined over {cluster.workers} stage(s)" if aim.kind == "activation" else ""))
+            + f", pipelined over {cluster.workers} stage(s)")
         lines.append(f"AIM omega={aim.omega}, {source}")
     if cluster.workers == 1:
         lines.append("--workers 1: runs in this process, without Ray")
-    plan = service_plan(job, cluster, aim.calibration_or_default() if calibrates and aim else None)
+    plan = service_plan(job, cluster, aim.calibration_or_default() if calibrates and aim else None,
+                        aim.kind if aim else "activation")
     lines.append(plan.describe())
     return "\n".join(lines)
 
 
 def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: CalibrationConfig,
-                       dtype: str = "float32", cache_root: str | os.PathLike | None = None,
-                       refresh: bool = False) -> Scales:
-    """Activation scales of the merge's base, computed by the pipeline, cached exactly like
-    `calibration.cached_calibrate` (same key), so one calibration serves single-process runs too."""
+                       dtype: str | None = None, cache_root: str | os.PathLike | None = None,
+                       refresh: bool = False, kind: str = "activation") -> Scales:
+    """Scales of the merge's base (`kind`), computed by the pipeline, cached exactly like
+    `calibration.cached_calibrate` (same key: base, settings, resolved compute dtype, kind), so one calibration
+    serves single-process runs too. `dtype` None: the calibration's (default auto)."""
     c = calibration
     base = job.base
-    path = scales_cache_path(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype, "activation",
+    devices, dtype = pool.compute(c.device, dtype or c.dtype)
+    path = scales_cache_path(base, c.dataset, c.n_samples, c.block_size, c.n_blocks, c.split, dtype, kind,
                              cache_root)
     if path.exists() and not refresh:
         return Scales.load(path)
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
     ranges = layer_ranges(job, len(pool.actors))
-    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype)
-    scales = scales_artifact(base, tensors, "activation", c.dataset, c.n_samples, c.block_size, blocks, c.split,
-                             dtype)
+    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype, kind=kind, device=c.device)
+    check_finite(tensors, dtype)
+    device = "+".join(sorted({device_kind(d) for d in devices}))
+    scales = scales_artifact(base, tensors, kind, c.dataset, c.n_samples, c.block_size, blocks, c.split, dtype,
+                             device)
     scales.save(path)
     return scales
 
@@ -563,15 +635,15 @@ AimFn = Callable[["WorkerPool"], tuple[RelaxFn | None, dict[str, str], dict[str,
 
 
 def pool_aim(job: MergeJob) -> AimFn:
-    """AIM for a distributed merge: activation scales from an `aim.calibration` come from the pipeline on the
-    pool (cache shared with the single-process path); a scales file or sensitivity scales go through
+    """AIM for a distributed merge: scales from an `aim.calibration` (activation or sensitivity) come from the
+    pipeline on the pool (cache shared with the single-process path); a scales file goes through
     `relaxer.aim_for_job` as in the single-process path. Either way the relaxation is the same object."""
 
     def aim(pool: WorkerPool) -> tuple[RelaxFn | None, dict[str, str], dict[str, Any]]:
         cfg = job.config.aim
-        if cfg is None or cfg.scales is not None or cfg.kind != "activation":
+        if cfg is None or cfg.scales is not None:
             return aim_for_job(job)
-        return aim_for_job(job, distributed_scales(pool, job, cfg.calibration_or_default()))
+        return aim_for_job(job, distributed_scales(pool, job, cfg.calibration_or_default(), kind=cfg.kind))
 
     return aim
 

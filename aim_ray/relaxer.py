@@ -54,7 +54,8 @@ def load_or_calibrate(job: MergeJob, aim: AimConfig) -> Scales:
         return scales
     cal = aim.calibration_or_default()
     return cached_calibrate(job.base, dataset=cal.dataset, n_samples=cal.n_samples, block_size=cal.block_size,
-                            n_blocks=cal.n_blocks, kind=aim.kind, split=cal.split, micro_batch=cal.micro_batch)
+                            n_blocks=cal.n_blocks, kind=aim.kind, split=cal.split, micro_batch=cal.micro_batch,
+                            dtype=cal.dtype, device=cal.device)
 
 
 def aim_for_job(job: MergeJob, scales: Scales | None = None

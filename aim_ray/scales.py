@@ -8,7 +8,9 @@ A `Scales` holds raw (not yet normalised) float32 scales, keyed by
   accumulated |dL/dtheta|, the parameter's shape.
 
 Normalisation (`A = s / max(s)`) happens at relaxation time (`aim_ray.aim`), so the artifact keeps the
-measured values. It is stored as safetensors with string metadata (base model, content hash, calibration
+measured values. `dtype` is the compute dtype of the calibration (the scales are float32 whatever it was:
+they accumulate in float32) and `device` the device kind it ran on (cpu, cuda; absent in older artifacts).
+It is stored as safetensors with string metadata (base model, content hash, calibration
 settings), and cached under `$AIM_RAY_CACHE/scales/<key>.safetensors` (default `~/.cache/aim-ray`) where the
 key is the sha256 of the base content hash, the calibration settings and the kind: the same calibration is
 never computed twice.
@@ -90,6 +92,7 @@ class Scales:
     n_blocks: int
     dtype: str
     revision: str | None = None
+    device: str | None = None
     n_tokens: int = 0
     aim_ray_version: str = __version__
     extra: dict[str, str] = field(default_factory=dict)
@@ -125,8 +128,9 @@ class Scales:
     def metadata(self) -> dict[str, str]:
         meta = {f: str(getattr(self, f)) for f in _STR_FIELDS + _INT_FIELDS}
         meta["format"] = FORMAT
-        if self.revision is not None:
-            meta["revision"] = self.revision
+        for optional in ("revision", "device"):
+            if getattr(self, optional) is not None:
+                meta[optional] = getattr(self, optional)
         if self.extra:
             meta["extra"] = json.dumps(self.extra, sort_keys=True)
         return meta
@@ -165,7 +169,7 @@ class Scales:
         except (KeyError, ValueError) as e:
             raise ScalesError(f"{path}: scales metadata is missing or has a bad field ({e})") from None
         extra = json.loads(meta["extra"]) if "extra" in meta else {}
-        return cls(tensors=tensors, revision=meta.get("revision"), extra=extra, **kwargs)
+        return cls(tensors=tensors, revision=meta.get("revision"), device=meta.get("device"), extra=extra, **kwargs)
 
     # -- validation -----------------------------------------------------------------------------------
     def validate(self, base: str | os.PathLike | Checkpoint, force: bool = False) -> None:

@@ -108,7 +108,7 @@ def cached_delta(cfg: TuneSweepConfig, variant: Variant) -> tuple[Path, bool]:
 
 def cached_scales(cfg: TuneSweepConfig) -> tuple[Path, bool]:
     """The scales artifact for the base + calibration settings; returns (path, computed_now)."""
-    from .calibration import cached_calibrate, scales_cache_path
+    from .calibration import cached_calibrate, resolve_compute, scales_cache_path
     from .scales import Scales
 
     if cfg.scales is not None:
@@ -117,11 +117,13 @@ def cached_scales(cfg: TuneSweepConfig) -> tuple[Path, bool]:
         return Path(cfg.scales), False
     cal = cfg.calibration
     ckpt = Checkpoint.open(cfg.base_model)
-    path = scales_cache_path(ckpt, cal.dataset, cal.n_samples, cal.block_size, cal.n_blocks, cal.split, "float32",
+    device, dtype = resolve_compute(cal.device, cal.dtype)  # on the driver, where the calibration runs
+    path = scales_cache_path(ckpt, cal.dataset, cal.n_samples, cal.block_size, cal.n_blocks, cal.split, dtype,
                              cfg.kind)
     computed = not path.exists()
     cached_calibrate(ckpt, dataset=cal.dataset, n_samples=cal.n_samples, block_size=cal.block_size,
-                     n_blocks=cal.n_blocks, kind=cfg.kind, split=cal.split, micro_batch=cal.micro_batch)
+                     n_blocks=cal.n_blocks, kind=cfg.kind, split=cal.split, micro_batch=cal.micro_batch,
+                     dtype=dtype, device=device)
     return path, computed
 
 

@@ -284,6 +284,29 @@ def test_sensitivity_matches_direct_autograd(bases, name):
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5 * float(ref[key].max()))
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama_tied"])
+def test_staged_sensitivity_is_bit_identical(bases, name):
+    """Stage k gets the gradient of its output, backpropagates through its own layers and hands back the
+    gradient of its input: the same ops as the whole-model backward, so the very same bits (float32, CPU)."""
+    blocks = _blocks(3, 16)
+    whole = collect_sensitivity_scales(bases[name], blocks)
+    for ranges in ([(0, 2), (2, 4)], [(0, 1), (1, 3), (3, 4)], [(0, 0), (0, 4), (4, 4)]):
+        staged = collect_sensitivity_scales(bases[name], blocks, layer_ranges=ranges)
+        assert set(staged) == set(whole)
+        assert all(torch.equal(staged[k], whole[k]) for k in whole), ranges
+
+
+def test_sensitivity_stage_misuse(bases):
+    first = calibration.SensitivityStage(StageRunner(bases["llama"], 0, 2))
+    with pytest.raises(CalibrationError, match="no forward kept for block 7"):
+        first.backward(7, torch.zeros(1, 4, 64))
+    with pytest.raises(CalibrationError, match="last\\(\\) is for the stage that owns lm_head"):
+        first.last(_blocks(1))
+    last = calibration.SensitivityStage(StageRunner(bases["llama"], 2, 4))
+    with pytest.raises(CalibrationError, match="call last\\(\\)"):
+        last.forward(0, torch.zeros(1, 4, 64))
+
+
 def test_calibrate_end_to_end(bases, texts, tmp_path):
     src = _write_all_formats(texts, tmp_path / "data")[0]
     scales = calibrate(bases["llama"], str(src), n_samples=30, block_size=16, n_blocks=3, micro_batch=2)

@@ -16,7 +16,7 @@ import pytest
 import ray
 import torch
 
-from aim_ray.calibration import collect_activation_scales
+from aim_ray.calibration import collect_activation_scales, collect_sensitivity_scales
 from aim_ray.checkpoint import shard_filename
 from aim_ray.config import load_merge_config
 from aim_ray.driver import (
@@ -29,6 +29,7 @@ from aim_ray.driver import (
     shard_assignment,
 )
 from aim_ray.engine import PROGRESS, MergeJob, prepare, run_merge
+from aim_ray.errors import CalibrationError
 from aim_ray.plan import assign_shards
 from aim_ray.relaxer import aim_for_job
 from aim_ray.worlds.tiny import build_tiny_family
@@ -259,22 +260,56 @@ def test_pipeline_scales_equal_single_process(k, pools, job, family):
     assert all(torch.equal(got[n], expected[n]) for n in expected)
 
 
-def test_aim_merge_distributed_equals_single_process(pools, family, calib_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("k", [2, 3])
+def test_pipelined_sensitivity_equals_single_process(k, pools, job, family):
+    """Forward down the stages, backward up them (gradients of the hidden states as object refs): the very
+    bits of the whole-model backward in one process."""
+    base = str(family[0])
+    blocks = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(4))
+    expected = collect_sensitivity_scales(base, blocks)
+    pool = pools.get(k) or _pool(k)
+    try:
+        ranges = layer_ranges(job, k)
+        assert len(ranges) == k and all(r.layers.stop > r.layers.start for r in ranges)
+        got = pool.calibrate(base, ranges, blocks, micro_batch=1, kind="sensitivity",
+                             max_inflight=2 if k == 2 else None)  # 2: forward(i + 2) before backward(i)
+        busy = ray.get([a.busy_seconds.remote() for a in pool.actors], timeout=60)
+    finally:
+        if k not in pools:
+            pool.close()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert all(b > 0 for b in busy)  # every stage did its share
+
+
+def test_pipeline_device_and_dtype(pools, job, family):
+    """Fake GPU ids without CUDA: auto resolves to cpu + float32; asking for cuda is a one-line error."""
+    assert pools[2].compute() == (["cpu", "cpu"], "float32")
+    assert pools[2].compute("cpu", "bf16") == (["cpu", "cpu"], "bfloat16")
+    with pytest.raises(CalibrationError, match=r"^calibration\.device \(--device\) 'cuda': no CUDA GPU is usable"):
+        pools[2].calibrate(str(family[0]), layer_ranges(job, 2), torch.zeros(1, 8, dtype=torch.long), 1,
+                           device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["activation", "sensitivity"])
+def test_aim_merge_distributed_equals_single_process(pools, family, calib_text, tmp_path, monkeypatch, kind):
     base, experts = family
-    aim = {"omega": 0.4, "calibration": {"dataset": str(calib_text), "n_samples": 40, "block_size": 128,
-                                         "micro_batch": 2}}
+    aim = {"omega": 0.4, "kind": kind, "calibration": {"dataset": str(calib_text), "n_samples": 40,
+                                                       "block_size": 128, "micro_batch": 2}}
     cfg = _config(tmp_path, base, experts, method="ties", aim=aim)
     monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_single"))
     single = prepare(cfg, shard_size=SHARD)
     relax, metadata, report = aim_for_job(single)
     ref = run_merge(single, tmp_path / "ref", relax=relax, metadata=metadata, report=report, progress=False)
     monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_ray"))  # no cache hit: the pipeline runs
+    monkeypatch.setattr("aim_ray.relaxer.cached_calibrate", None)  # no fallback to calibrating in this process
     dist = prepare(cfg, shard_size=SHARD)
     out = distributed_merge(dist, tmp_path / "out", pools[2].options, pool=pools[2], aim=pool_aim(dist),
                             progress=False)
     assert_same_checkpoint(ref, out)
     assert list((tmp_path / "cache_ray" / "scales").glob("*.safetensors"))
-    assert json.loads((out / "merge_report.json").read_text())["aim"]["omega"] == 0.4
+    report = json.loads((out / "merge_report.json").read_text())["aim"]
+    assert (report["omega"], report["kind"], report["scales"]["dtype"]) == (0.4, kind, "float32")
 
 
 def test_each_shard_gets_only_its_scales(pools, family, calib_text, tmp_path, monkeypatch):

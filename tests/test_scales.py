@@ -137,3 +137,33 @@ def test_cached_calibrate_computes_once(models, data_file, monkeypatch):
     assert len(calls) == 3
     cached_calibrate(models["llama"], refresh=True, **kw)
     assert len(calls) == 4
+
+
+def test_cache_key_is_the_compute_dtype_not_the_device(models, data_file, monkeypatch):
+    """bfloat16 scales differ from float32 ones: their own key. float32 on cpu and cuda differ only by
+    summation order, so they share one (the artifact records the device that computed it)."""
+    calls = []
+    real = calibration.calibrate
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: calls.append(k.get("dtype", a[8])) or real(*a, **k))
+    ckpt = Checkpoint.open(models["llama"])
+    kw = dict(dataset=str(data_file), n_samples=20, block_size=16, n_blocks=2, split="validation",
+              kind="activation")
+    paths = {dt: calibration.scales_cache_path(ckpt, kw["dataset"], 20, 16, 2, "validation", dt, "activation")
+             for dt in ("float32", "bfloat16", "float16")}
+    assert len(set(paths.values())) == 3
+    assert paths["bfloat16"] == calibration.scales_cache_path(ckpt, kw["dataset"], 20, 16, 2, "validation",
+                                                              torch.bfloat16, "activation")
+    fp32 = cached_calibrate(models["llama"], dtype="float32", device="cpu", **kw)
+    assert cached_calibrate(models["llama"], dtype="auto", device="auto", **kw).metadata() == fp32.metadata()
+    bf16 = cached_calibrate(models["llama"], dtype="bf16", device="cpu", **kw)
+    assert calls == ["float32", "bfloat16"]  # auto on this CPU machine resolved to the float32 key
+    assert sorted(p.name for p in cache_dir().glob("*.safetensors")) == sorted(
+        paths[d].name for d in ("float32", "bfloat16"))
+    assert Scales.load(paths["bfloat16"]).metadata()["dtype"] == "bfloat16" == bf16.dtype
+    assert fp32.metadata()["device"] == "cpu"
+
+
+def test_older_artifacts_without_a_device_still_load(models, tmp_path):
+    scales = _scales_for(models["llama"])
+    assert scales.device is None and "device" not in scales.metadata()
+    assert Scales.load(scales.save(tmp_path / "old.safetensors")).device is None
