@@ -30,3 +30,7 @@ class IgnoredParameterWarning(UserWarning):
 
 class OutputExistsError(AimRayError):
     """The output directory exists and --overwrite was not given."""
+
+
+class OutputBusyError(AimRayError):
+    """Another run holds the lock on the same output directory."""
