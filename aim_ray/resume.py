@@ -91,6 +91,7 @@ class Progress:
         self._signatures: dict[str, dict[str, list[int]]] = {}
         self._hashes: dict[str, str] = {}
         self._stop = threading.Event()
+        self._hasher: threading.Thread | None = None
 
     # -- loading --------------------------------------------------------------------------------------
     def load(self, resume: bool) -> dict[int, str]:
@@ -103,7 +104,8 @@ class Progress:
             self.done.update(self._verified(state.get("shards") or {}))
         self.resumed = sorted(self.done)
         self._signatures = {label: file_signature(c) for label, c in self.inputs}
-        threading.Thread(target=self._hash_inputs, name="aim-ray-input-hashes", daemon=True).start()
+        self._hasher = threading.Thread(target=self._hash_inputs, name="aim-ray-input-hashes", daemon=True)
+        self._hasher.start()
         return self.done
 
     def _read(self) -> dict[str, Any]:
@@ -139,6 +141,12 @@ class Progress:
                 and (self.work / shard_filename(int(k), n)).is_file()]
         actual = sha256_files([self.work / shard_filename(k, n) for k in keys])
         return {k: digest for k, digest in zip(keys, actual) if digest == shards[str(k)]}
+
+    def wait_hashed(self, timeout: float | None = None) -> bool:
+        """Wait until every input's content hash is known (the next `save` records them)."""
+        if self._hasher is not None:
+            self._hasher.join(timeout)
+        return len(self._hashes) == len(self.inputs)
 
     def _hash_inputs(self) -> None:
         for label, ckpt in self.inputs:
