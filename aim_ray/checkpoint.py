@@ -9,14 +9,20 @@ complete, so a crash never leaves a directory that looks like a finished checkpo
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import queue
 import shutil
+import socket
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,7 +30,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, OutputExistsError
+from .errors import AimRayError, CheckpointError, OutputBusyError, OutputExistsError
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -317,6 +323,15 @@ def sha256_file(file: Path, chunk: int = 2**24) -> str:
     return h.hexdigest()
 
 
+def sha256_files(files: Sequence[Path], threads: int = 4) -> list[str]:
+    """sha256 of each file, a few at a time (hashlib releases the GIL): verifying a 26 GB output's shards is
+    bound by the disk, not one core's ~2 GB/s."""
+    if len(files) <= 1:
+        return [sha256_file(f) for f in files]
+    with ThreadPoolExecutor(min(threads, len(files)), thread_name_prefix="aim-ray-sha256") as pool:
+        return list(pool.map(sha256_file, files))
+
+
 def cache_dir() -> Path:
     """The aim-ray cache root: `$AIM_RAY_CACHE`, default `~/.cache/aim-ray` (scales, deltas, scores, worlds)."""
     return Path(os.environ.get("AIM_RAY_CACHE") or Path.home() / ".cache" / "aim-ray").expanduser()
@@ -482,43 +497,254 @@ def copy_aux_files(config_src: Path, tokenizer_src: Path, out_dir: Path,
     return copied
 
 
+# ------------------------------------------------------------------------------------ output directories
+
+# What marks a directory `--overwrite` may replace: a Hugging Face checkpoint (config.json and weights).
+WEIGHT_MARKERS = (SAFE_INDEX, BIN_INDEX)
+REPORT = "merge_report.json"
+
+
+def replaceable(path: Path) -> bool:
+    """Whether `--overwrite` may delete `path`: empty, a Hugging Face checkpoint (config.json plus safetensors or
+    pytorch_model*.bin weights or an index), or an aim-ray output (its merge_report.json)."""
+    names = {p.name for p in path.iterdir()}
+    if not names or _is_aim_ray_report(path / REPORT):
+        return True
+    weights = any(n.endswith(".safetensors") or n in WEIGHT_MARKERS
+                  or (n.startswith("pytorch_model") and n.endswith(".bin")) for n in names)
+    return "config.json" in names and weights
+
+
+def _is_aim_ray_report(file: Path) -> bool:
+    try:
+        report = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "aim_ray" in (report.get("versions") or {})
+
+
+def _check_replaceable(out: Path) -> None:
+    if not replaceable(out):
+        names = sorted(p.name for p in out.iterdir())
+        sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise OutputExistsError(f"{out}: --overwrite replaces only a model checkpoint (config.json and weights, or "
+                                f"an aim-ray merge_report.json) or an empty directory, and this one holds other "
+                                f"files ({sample}); choose another --out or remove it yourself")
+
+
+class OutputLock:
+    """One run's exclusive lock on an output: `fcntl.flock` on `.NAME.aim-ray-lock` next to it.
+
+    The kernel drops a flock when its holder dies (SIGKILL and OOM kills too), so a killed run never blocks the
+    next one. The file names its holder (pid, host, start) for the message a second run prints. On NFS, Linux
+    emulates flock with POSIX locks that reach the server through lockd (v3) or the v4 protocol; a mount with
+    `nolock` or `local_lock=flock|all` keeps them on one client, so runs on two hosts would not see each other.
+    Where the filesystem has no locks at all (ENOLCK, EOPNOTSUPP), the lock falls back to creating the file
+    exclusively: a holder that is dead on this host is taken over, any other holder refuses and the message
+    says which file to delete if that run is gone.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+
+    @classmethod
+    def acquire(cls, path: Path, out: Path) -> OutputLock:
+        for _ in range(100):  # retried only when a holder released (and unlinked) the file as we opened it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputBusyError(_busy(out, holder)) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    return cls._acquire_exclusive(path, out)
+                raise
+            if _same_file(fd, path):
+                return cls(path, fd)
+            os.close(fd)
+        raise OutputBusyError(f"{out}: cannot lock {path}: it keeps being replaced by other runs")
+
+    @classmethod
+    def _acquire_exclusive(cls, path: Path, out: Path) -> OutputLock:
+        for _ in range(3):
+            try:
+                return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                fd = os.open(path, os.O_RDONLY)
+                holder = _read_holder(fd)
+                os.close(fd)
+            if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # its run died without releasing: stale
+                continue
+            raise OutputBusyError(f"{_busy(out, holder)}; if that run is gone, delete {path}")
+        raise OutputBusyError(f"{out}: cannot take the lock {path}")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if _same_file(self._fd, self.path):
+            self.path.unlink(missing_ok=True)  # unlinked while still held: a waiter that opened it retries
+        os.close(self._fd)
+        self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume the holder is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _busy(out: Path, holder: Mapping[str, Any]) -> str:
+    who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+           if holder else "holder not yet recorded")
+    return f"{out}: another aim-ray run ({who}) is writing this output; wait for it to finish or stop it"
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable. Some filesystems cannot fsync a directory."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 class OutputDir:
     """An output checkpoint directory built in a hidden sibling and renamed into place when complete.
 
     The work dir `.NAME.aim-ray-partial` sits next to the output (same filesystem, so the final rename is
     atomic). It is never mistaken for a finished checkpoint, and `resume=True` keeps it so finished shards
-    can be reused. An existing output is only replaced with `overwrite=True`.
+    can be reused. An existing output is only replaced with `overwrite=True`, and only when it is a model
+    checkpoint or empty. One run at a time: `locked()` holds `OutputLock` while anything is deleted or written.
     """
 
     def __init__(self, out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
         self.out = Path(out).expanduser().absolute()
         self.overwrite = overwrite
         self.work = self.out.parent / f".{self.out.name}.aim-ray-partial"
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out}: output directory already exists; pass --overwrite to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise OutputExistsError(f"{self.out}: exists and is not a directory")
+        self.lock_file = self.out.parent / f".{self.out.name}.aim-ray-lock"
         self.resume = resume
+        self._lock: OutputLock | None = None
+        self._check_target()
+
+    def _check_target(self) -> None:
+        if not self.out.exists():
+            return
+        if not self.overwrite:
+            raise OutputExistsError(f"{self.out}: output directory already exists; pass --overwrite to replace it")
+        if not self.out.is_dir():
+            raise OutputExistsError(f"{self.out}: exists and is not a directory")
+        _check_replaceable(self.out)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[OutputDir]:
+        """Hold the output's lock (re-entrant: an inner `locked()` of the same object leaves it held)."""
+        if self._lock is not None:
+            yield self
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = OutputLock.acquire(self.lock_file, self.out)
+        try:
+            yield self
+        finally:
+            self._lock.release()
+            self._lock = None
 
     def prepare(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        """The work dir: emptied for a fresh run, kept for `resume`. Needs the lock."""
+        if self._lock is None:
+            raise RuntimeError("OutputDir.prepare() outside OutputDir.locked()")
         if self.work.exists() and not self.resume:
             shutil.rmtree(self.work)
         self.work.mkdir(exist_ok=True)
         return self.work
 
-    def commit(self) -> Path:
-        """Swap the finished work dir into place (the old output, if overwriting, is removed last)."""
+    def commit(self, shards: Mapping[str, str], scratch: Sequence[str] = ()) -> Path:
+        """Check every shard against its recorded sha256, drop scratch and stale `*.tmp` files, fsync, and
+        swap the work dir into place (the old output, if overwriting, is removed last)."""
+        self._verify(shards)
+        for name in scratch:
+            (self.work / name).unlink(missing_ok=True)
+        for tmp in self.work.glob("*.tmp"):  # left by writers that died or lost their node
+            tmp.unlink(missing_ok=True)
+        for file in self.work.iterdir():
+            if file.is_file() and file.name not in shards:  # shards were fsynced by their writers
+                fsync_file(file)
+        fsync_dir(self.work)
         old = None
-        if self.out.exists():
+        if self.out.exists():  # it may have appeared while we merged
+            self._check_target()
             old = self.out.parent / f".{self.out.name}.aim-ray-old"
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.out, old)
         os.replace(self.work, self.out)
+        fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old)
         return self.out
+
+    def _verify(self, shards: Mapping[str, str]) -> None:
+        names = sorted(shards)
+        missing = [n for n in names if not (self.work / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{self.work / missing[0]}: recorded as written but missing; nothing was "
+                                  f"committed; rerun with --resume to rewrite it")
+        for name, actual in zip(names, sha256_files([self.work / n for n in names])):
+            if actual != shards[name]:
+                raise CheckpointError(f"{self.work / name}: sha256 {actual[:16]}... differs from the digest "
+                                      f"recorded when it was written ({shards[name][:16]}...); another writer "
+                                      f"may have replaced it. Nothing was committed; rerun with --resume to "
+                                      f"rewrite it")
+
+    def abandon(self, error: AimRayError, finished: int) -> AimRayError:
+        """After a user error: a work dir holding finished shards is kept for `--resume` (the error says so);
+        one with nothing finished is discarded."""
+        if finished and self.work.exists():
+            return type(error)(f"{error} ({finished} finished shard(s) kept in {self.work}; fix this and rerun "
+                               f"with --resume to continue from them)")
+        self.discard()
+        return error
 
     def discard(self) -> None:
         if self.work.exists():

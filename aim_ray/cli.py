@@ -100,8 +100,10 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for random sparsification (DARE, DELLA).")
 @click.option("--shard-size", default="5GB", show_default=True, callback=lambda c, p, v: parse_size(v),
               help="Maximum bytes per output shard.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--resume", is_flag=True, help="Reuse shards finished by an interrupted run of the same merge.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output checkpoint (or empty directory); a directory of other files is refused.")
+@click.option("--resume", is_flag=True,
+              help="Reuse shards finished by an interrupted run of the same merge from unchanged inputs.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model*.bin inputs (torch.load weights_only).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input tensor has NaN/Inf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -25,7 +25,8 @@ only while it merges, so one pool serves many merges (Tune reuses it).
   `engine.write_shard` into the shared hidden work dir; the driver records progress as shards complete (for
   `--resume`), then `engine.finalize` and an atomic commit. Outputs are byte-identical for every K.
 - Faults: actors have `max_restarts` and their calls `max_task_retries`, so a killed worker comes back and
-  redoes its unfinished shards (a shard is written to `.tmp` and renamed when complete). A worker whose
+  redoes its unfinished shards (a shard is written to a `.tmp` unique to the attempt and renamed when
+  complete; the commit checks every shard's sha256 and drops stale `.tmp` files). A worker whose
   restarts are exhausted, or whose node is gone for good, has its remaining shards resubmitted by the driver
   to the surviving workers. A failed run leaves only the hidden work dir; `--resume` reuses verified shards.
 
@@ -69,7 +70,7 @@ from .calibration import (
 )
 from .checkpoint import DEFAULT_SHARD_SIZE, OutputDir, shard_filename
 from .config import CalibrationConfig, MergeConfig
-from .engine import MergeJob, RelaxFn, finalize, load_progress, prepare, save_progress
+from .engine import MergeJob, RelaxFn, finalize, prepare
 from .errors import AimRayError, CalibrationError, CheckpointError, ClusterError, ConfigError
 from .plan import (
     LayerRange,
@@ -81,6 +82,7 @@ from .plan import (
     plan_ranges,
 )
 from .relaxer import aim_for_job
+from .resume import PROGRESS, Progress
 from .scales import Scales
 
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
@@ -648,21 +650,22 @@ def pool_aim(job: MergeJob) -> AimFn:
     return aim
 
 
-def distributed_merge(job: MergeJob, out: str | os.PathLike, cluster: ClusterOptions, *,
+def distributed_merge(job: MergeJob, out: str | os.PathLike | OutputDir, cluster: ClusterOptions, *,
                       allow_pickle: bool = False, overwrite: bool = False, resume: bool = False,
                       aim: AimFn | None = None,
                       progress: bool = True, pool: WorkerPool | None = None,
                       on_done: Callable[[int, str, int], None] | None = None) -> Path:
     """Merge `job` on K Ray workers into `out` (atomic). `aim(pool)` returns (relax, shard metadata, report)
     and may use the pool to calibrate; `pool` reuses existing workers (else a pool is made and closed)."""
-    output = OutputDir(out, overwrite=overwrite, resume=resume)
+    output = out if isinstance(out, OutputDir) else OutputDir(out, overwrite=overwrite, resume=resume)
     own = pool is None
-    pool = pool or WorkerPool(cluster)
-    try:
-        return _merge_on(pool, job, output, MergeOptions.of(job, allow_pickle), aim, progress, on_done)
-    finally:
-        if own:
-            pool.close()
+    with output.locked():  # before the pool starts, anything is calibrated, deleted or written
+        pool = pool or WorkerPool(cluster)
+        try:
+            return _merge_on(pool, job, output, MergeOptions.of(job, allow_pickle), aim, progress, on_done)
+        finally:
+            if own:
+                pool.close()
 
 
 def _merge_on(pool: WorkerPool, job: MergeJob, output: OutputDir, options: MergeOptions, aim: AimFn | None,
@@ -672,16 +675,16 @@ def _merge_on(pool: WorkerPool, job: MergeJob, output: OutputDir, options: Merge
     relax, metadata, report = aim(pool) if aim is not None else (None, {}, {})
     calibrated = time.time()
     work = output.prepare()
+    state = Progress(job, work, relax, metadata)
+    done = state.load(output.resume)  # a refused resume leaves the work dir as it was
     try:
-        done = load_progress(job, work)
         todo = [[i for i in run if i not in done] for run in shard_assignment(job, len(pool.actors))]
         bar = _bar(len(job.shards), len(done), progress)
         writers: dict[int, int] = {}
 
         def record(index: int, digest: str, pid: int) -> None:
-            done[index] = digest
+            state.record(index, digest)  # a crash from here on keeps this shard for --resume
             writers[index] = pid
-            save_progress(job, work, done)  # a crash from here on keeps this shard for --resume
             bar.update()
             if on_done is not None:
                 on_done(index, digest, pid)
@@ -693,11 +696,15 @@ def _merge_on(pool: WorkerPool, job: MergeJob, output: OutputDir, options: Merge
                    "merge_seconds": round(time.time() - calibrated, 3)}
         service = {"workers": len(pool.actors), "placement": pool.options.placement, "bundle": pool.bundle,
                    "writer_pids": {str(i): p for i, p in sorted(writers.items())}}
-        finalize(job, work, done, {"timings": timings, "service": service, **report})
-        return output.commit()
-    except AimRayError:
-        output.discard()  # bad input: nothing to resume. Crashes keep the hidden work dir for --resume.
-        raise
+        finalize(job, work, done, {"timings": timings, "service": service,
+                                   "resumed_shards": state.resumed_names(), **report})
+        return output.commit(state.shard_digests(), scratch=[PROGRESS])
+    except AimRayError as e:
+        # Bad input: finished shards are kept for --resume (the error says so); with none, nothing is left.
+        # Crashes keep the hidden work dir as it is.
+        raise output.abandon(e, len(done)) from None
+    finally:
+        state.close()
 
 
 def _check_written(job: MergeJob, work: Path, done: Mapping[int, str]) -> None:

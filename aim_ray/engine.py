@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -33,7 +34,6 @@ from .checkpoint import (
     copy_aux_files,
     parse_dtype,
     plan_shards,
-    sha256_file,
     shard_filename,
     write_index,
 )
@@ -42,6 +42,7 @@ from .errors import AimRayError, CheckpointError, ConfigError
 from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
+from .resume import PROGRESS, Progress
 
 # Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -464,10 +465,12 @@ def merged_in_order(job: MergeJob, names: Sequence[str], relax: RelaxFn | None =
 
 def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None = None,
                 metadata: dict[str, str] | None = None, on_tensor: Callable[[str], None] | None = None) -> str:
-    """Write shard `index` of the plan into work_dir (via a .tmp file renamed when complete); return sha256."""
+    """Write shard `index` of the plan into work_dir; return its sha256. The temporary file is unique to this
+    attempt (a writer on a partitioned node and its replacement never share one) and renamed into the shard's
+    name atomically when complete."""
     shards = job.shards
     final = work_dir / shard_filename(index, len(shards))
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
     writer = ShardWriter(tmp, shards[index], shard_metadata(job, metadata))
     try:
         for name, tensor in merged_in_order(job, [out.name for out in shards[index]], relax):
@@ -483,35 +486,6 @@ def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None
         raise
     os.replace(tmp, final)
     return digest
-
-
-# ----------------------------------------------------------------------------------------- progress / resume
-
-PROGRESS = "aim-ray-progress.json"
-
-
-def load_progress(job: MergeJob, work_dir: Path) -> dict[int, str]:
-    """Shards already written by an earlier run of the same merge, verified by sha256."""
-    file = work_dir / PROGRESS
-    if not file.exists():
-        return {}
-    state = json.loads(file.read_text())
-    if state.get("fingerprint") != job.fingerprint():
-        return {}
-    done = {}
-    n = len(job.shards)
-    for key, digest in state.get("shards", {}).items():
-        path = work_dir / shard_filename(int(key), n)
-        if path.exists() and sha256_file(path) == digest:
-            done[int(key)] = digest
-    return done
-
-
-def save_progress(job: MergeJob, work_dir: Path, done: dict[int, str]) -> None:
-    tmp = work_dir / (PROGRESS + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": job.fingerprint(), "shards": {str(k): v for k, v in
-                                                                           sorted(done.items())}}))
-    os.replace(tmp, work_dir / PROGRESS)
 
 
 # --------------------------------------------------------------------------------------------- finalize
@@ -541,31 +515,35 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
         **report,
     }
     (work_dir / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (work_dir / PROGRESS).unlink(missing_ok=True)
 
 
-def run_merge(job: MergeJob, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+def run_merge(job: MergeJob, out: str | os.PathLike | OutputDir, *, overwrite: bool = False, resume: bool = False,
               relax: RelaxFn | None = None, metadata: dict[str, str] | None = None,
               report: dict[str, Any] | None = None, progress: bool = True) -> Path:
-    """Single-process merge: every shard in order, then finalize and commit atomically."""
-    output = OutputDir(out, overwrite=overwrite, resume=resume)
+    """Single-process merge: every shard in order, then finalize and commit atomically. `out` may be an
+    `OutputDir` (then its own overwrite/resume settings apply)."""
+    output = out if isinstance(out, OutputDir) else OutputDir(out, overwrite=overwrite, resume=resume)
     started = time.time()
-    work = output.prepare()
-    try:
-        done = load_progress(job, work)
-        bar = _progress_bar(job, done, progress)
-        for index in range(len(job.shards)):
-            if index in done:
-                continue
-            done[index] = write_shard(job, work, index, relax, metadata, on_tensor=lambda _: bar.update())
-            save_progress(job, work, done)
-        bar.close()
-        timings = {"merge_seconds": round(time.time() - started, 3)}
-        finalize(job, work, done, {"timings": timings, **(report or {})})
-        return output.commit()
-    except AimRayError:
-        output.discard()  # bad input: a rerun cannot reuse anything. A crash or an interrupt keeps the
-        raise  # hidden work dir instead, so `--resume` reuses the finished shards.
+    with output.locked():  # before anything is deleted or written
+        state = Progress(job, output.prepare(), relax, metadata)
+        done = state.load(output.resume)  # a refused resume leaves the work dir as it was
+        try:
+            bar = _progress_bar(job, done, progress)
+            for index in range(len(job.shards)):
+                if index not in done:
+                    state.record(index, write_shard(job, output.work, index, relax, metadata,
+                                                    on_tensor=lambda _: bar.update()))
+            bar.close()
+            timings = {"merge_seconds": round(time.time() - started, 3)}
+            finalize(job, output.work, done, {"timings": timings, "resumed_shards": state.resumed_names(),
+                                              **(report or {})})
+            return output.commit(state.shard_digests(), scratch=[PROGRESS])
+        except AimRayError as e:
+            # Bad input: a work dir with finished shards is kept for --resume, else discarded. A crash or an
+            # interrupt keeps it as it is.
+            raise output.abandon(e, len(done)) from None
+        finally:
+            state.close()
 
 
 def _progress_bar(job: MergeJob, done: Iterable[int], enabled: bool):

@@ -36,3 +36,7 @@ class ClusterError(Exception):
     """The cluster failed the run (a worker or node lost for good, a call that timed out), not the input.
 
     The CLI prints its message without a traceback (exit status 1); the hidden work dir is kept for --resume."""
+
+
+class OutputBusyError(AimRayError):
+    """Another run holds the lock on the same output directory."""

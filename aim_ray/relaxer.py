@@ -3,6 +3,7 @@ the picklable `AimRelaxer` that both the single-process and the Ray paths hand t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,18 @@ class AimRelaxer:
         self.kind = kind
         self.omega = validate_omega(omega)
         self.tied = tied
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 of what this relaxation computes (the scales' bytes, kind, omega, tying), for --resume."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"{self.kind}|{self.omega!r}|{self.tied}".encode())
+            for name in sorted(self.scales):
+                t = self.scales[name].detach().cpu().contiguous()
+                h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def __call__(self, name: str, theta_pre: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         choice = scale_for(name, self.scales, self.tied, self.kind)

@@ -30,16 +30,16 @@ def merge_from_config(cfg: MergeConfig, out: str | os.PathLike, *, seed: int = 0
     More than one worker (`workers`, or `cluster.workers`) runs the merge on Ray (`driver.distributed_merge`,
     attaching to `address` / RAY_ADDRESS or starting a local cluster); one worker never imports Ray."""
     job = prepare(cfg, seed=seed, allow_pickle=allow_pickle, check_finite=check_finite, shard_size=shard_size)
-    OutputDir(out, overwrite=overwrite, resume=resume)  # refuse an existing output before any long work
-    if (cluster.workers if cluster is not None else workers) > 1:
-        from .driver import ClusterOptions, distributed_merge, pool_aim
+    output = OutputDir(out, overwrite=overwrite, resume=resume)  # refuse an existing output before any long work
+    with output.locked():  # and a second run to the same output, before calibrating
+        if (cluster.workers if cluster is not None else workers) > 1:
+            from .driver import ClusterOptions, distributed_merge, pool_aim
 
-        cluster = cluster or ClusterOptions(workers=workers, address=address)
-        return distributed_merge(job, out, cluster, allow_pickle=allow_pickle, overwrite=overwrite,
-                                 resume=resume, aim=pool_aim(job), progress=progress)
-    relax, metadata, report = aim_for_job(job)
-    return run_merge(job, out, overwrite=overwrite, resume=resume, relax=relax, metadata=metadata,
-                     report=report, progress=progress)
+            cluster = cluster or ClusterOptions(workers=workers, address=address)
+            return distributed_merge(job, output, cluster, allow_pickle=allow_pickle, aim=pool_aim(job),
+                                     progress=progress)
+        relax, metadata, report = aim_for_job(job)
+        return run_merge(job, output, relax=relax, metadata=metadata, report=report, progress=progress)
 
 
 def relax_checkpoint(base: str, merged: str, out: str | os.PathLike, *, omega: float, scales: str | None = None,

@@ -140,14 +140,16 @@ def test_shard_writer_rejects_out_of_plan_tensor(tmp_path):
 def test_output_dir_refuses_existing_and_commits_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("user data")
+    for name in ("config.json", "model.safetensors", "mine.txt"):  # an earlier checkpoint
+        (out / name).write_text("old")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         OutputDir(out)
     o = OutputDir(out, overwrite=True)
-    work = o.prepare()
-    assert work.name.startswith(".") and work.parent == tmp_path
-    (work / "new.txt").write_text("merged")
-    assert (out / "mine.txt").exists()  # untouched until commit
-    o.commit()
+    with o.locked():
+        work = o.prepare()
+        assert work.name.startswith(".") and work.parent == tmp_path
+        (work / "new.txt").write_text("merged")
+        assert (out / "mine.txt").exists()  # untouched until commit
+        o.commit({})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "new.txt").exists() and not (out / "mine.txt").exists()

@@ -223,14 +223,14 @@ def test_bad_config_values(llama_family, make_config, tmp_path, cfg_edit, match)
 def test_existing_output_needs_overwrite(llama_family, make_config, tmp_path):
     base, experts = llama_family
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(experts[0], out)  # an existing checkpoint
     (out / "keep.txt").write_text("mine")
     cfg = make_config("task_arithmetic", base, experts)
     result = run_cli("merge", cfg, "--out", out, "--quiet")
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
     assert run_cli("merge", cfg, "--out", out, "--quiet", "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "keep.txt").exists() and (out / "merge_report.json").exists()
 
 
 # ------------------------------------------------------------------------------------- vocabulary policies
