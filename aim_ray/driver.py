@@ -390,7 +390,7 @@ def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: Calibration
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
     ranges = layer_ranges(job, len(pool.actors))
-    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype)
+    tensors = pool.calibrate(base.ref, ranges, blocks, c.micro_batch, dtype)  # a hub ref pins its commit
     scales = scales_artifact(base, tensors, "activation", c.dataset, c.n_samples, c.block_size, blocks, c.split,
                              dtype)
     scales.save(path)
