@@ -24,7 +24,7 @@ import torch
 from .calibration import SensitivityStage, StageRunner, cuda_usable, resolve_device
 from .checkpoint import DEFAULT_SHARD_SIZE
 from .config import MergeConfig
-from .engine import MergeJob, RelaxFn, prepare, set_merge_threads, write_shard
+from .engine import MergeJob, RelaxFn, pinned_revisions, prepare, set_merge_threads, write_shard
 from .errors import CalibrationError
 
 # ---------------------------------------------------------------------------------------------- options
@@ -38,14 +38,16 @@ class MergeOptions:
     allow_pickle: bool = False
     check_finite: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
+    revisions: tuple[tuple[str, str], ...] = ()  # (hub ref, commit) as the driver resolved them
 
     @classmethod
     def of(cls, job: MergeJob, allow_pickle: bool = False) -> MergeOptions:
-        return cls(job.seed, allow_pickle, job.check_finite, job.shard_size)
+        return cls(job.seed, allow_pickle, job.check_finite, job.shard_size,
+                   tuple(sorted(pinned_revisions(job).items())))
 
     def prepare(self, config: MergeConfig) -> MergeJob:
         return prepare(config, seed=self.seed, allow_pickle=self.allow_pickle, check_finite=self.check_finite,
-                       shard_size=self.shard_size)
+                       shard_size=self.shard_size, revisions=dict(self.revisions))
 
 
 # -------------------------------------------------------------------------------------------- the actor

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import struct
@@ -110,6 +111,13 @@ def dtype_size(dtype: torch.dtype) -> int:
 
 def read_safetensors_header(file: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header without reading tensor data."""
+    header, data_len = _parse_safetensors_header(file)
+    header_tensor_infos(header, file, data_len, str(file))
+    return header
+
+
+def _parse_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The header (entries not yet checked) and the length of the data section."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -127,7 +135,13 @@ def read_safetensors_header(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - header_len
+    return header, size - 8 - header_len
+
+
+def header_tensor_infos(header: dict[str, Any], file: Path, data_len: int, where: str) -> list[TensorInfo]:
+    """The tensors of a parsed safetensors header, each entry checked against a data section of `data_len`
+    bytes (local files and hub headers alike; `where` names the file in errors)."""
+    infos = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -136,36 +150,41 @@ def read_safetensors_header(file: Path) -> dict[str, Any]:
             dtype = SAFE_TO_DTYPE[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
+            raise CheckpointError(f"{where}: corrupt safetensors header entry for tensor {name!r}") from None
         expected = dtype_size(dtype) * int(torch.Size(shape).numel())
         if end > data_len or end - begin != expected or begin < 0:
-            raise CheckpointError(f"{file}: truncated or corrupt data for tensor {name!r} "
+            raise CheckpointError(f"{where}: truncated or corrupt data for tensor {name!r} "
                                   f"(offsets {begin}..{end}, data section {data_len} bytes)")
-    return header
+        infos.append(TensorInfo(name, shape, dtype, file))
+    return infos
 
 
-def resolve_checkpoint_path(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory, or a hub id resolved through huggingface_hub (needs network or a warm cache)."""
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
-        return path
-    text = str(path_or_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+# A hub id: `org/name`, optionally `@revision` (a branch, tag or commit), as MergeKit writes pinned models.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+
+
+def hub_reference(text: str) -> tuple[str, str | None]:
+    """(repo id, revision) of a reference that is not an existing path. Anything that reads as a local path
+    is "no such checkpoint directory", never a hub lookup: it starts with ./ ../ / ~, is not `org/name`,
+    or its parent directory exists here (`models/llama-typo` when `models/` exists)."""
+    repo_id, at, revision = text.partition("@")
+    if text.startswith(("./", "../", "/", "~")) or text in (".", ".."):
         raise CheckpointError(f"{text}: no such checkpoint directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
-        raise CheckpointError(f"{text}: not a local directory and could not be fetched from the Hugging Face "
-                              f"hub ({type(e).__name__}: {e})") from None
+    if not _HUB_ID.fullmatch(repo_id) or (at and not revision):
+        raise CheckpointError(f"{text}: no such checkpoint directory (and not a hub id: those are org/name)")
+    if Path(repo_id).parent.is_dir():
+        raise CheckpointError(f"{text}: no such checkpoint directory (./{Path(repo_id).parent} exists here, so "
+                              f"this is read as a local path, not a hub id)")
+    return repo_id, revision or None
 
 
 class Checkpoint:
-    """A Hugging Face model directory opened lazily: names, shapes and dtypes now, tensors on demand."""
+    """A Hugging Face model directory opened lazily: names, shapes and dtypes now, tensors on demand.
+
+    `open` takes a local directory or a hub id (`org/name[@revision]`, see `hub.HubCheckpoint`: validated
+    from remote headers, weight files downloaded on first read)."""
+
+    commit: str | None = None  # the hub commit the checkpoint was resolved to (None: a local directory)
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo], config: dict[str, Any], source: str,
                  pickled: bool = False) -> None:
@@ -182,20 +201,24 @@ class Checkpoint:
     @classmethod
     def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None,
              allow_pickle: bool = False) -> Checkpoint:
-        path = resolve_checkpoint_path(path_or_id, revision)
-        config = _read_config(path)
-        files, pickled = _weight_files(path, allow_pickle)
-        tensors: dict[str, TensorInfo] = {}
-        for file, expected_names in files.items():
-            for info in _file_tensor_infos(file, pickled):
-                tensors[info.name] = info
-            missing = expected_names - {n for n, i in tensors.items() if i.file == file}
-            if missing:
-                raise CheckpointError(f"{path / SAFE_INDEX}: index maps tensor {sorted(missing)[0]!r} to {file.name}, "
-                                      f"which does not contain it")
-        if not tensors:
-            raise CheckpointError(f"{path}: checkpoint has no tensors")
+        """A local directory, else a hub id; `revision` (a pinned commit) overrides one in the id."""
+        path = Path(path_or_id).expanduser()
+        if not path.exists():
+            repo_id, ref_revision = hub_reference(str(path_or_id))
+            # hub.py builds on this module; imported on first use, so local runs never import huggingface_hub
+            from .hub import open_hub_checkpoint
+
+            return open_hub_checkpoint(repo_id, revision or ref_revision, str(path_or_id))
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+        config = read_config(path)
+        tensors, pickled = local_tensor_infos(path, allow_pickle)
         return cls(path, tensors, config, str(path_or_id), pickled)
+
+    @property
+    def ref(self) -> str:
+        """A reference that reopens this exact checkpoint in another process (a hub id pins its commit)."""
+        return str(self.path)
 
     # -- metadata ------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -233,8 +256,12 @@ class Checkpoint:
             return self._read_bin(info)
         handle = self._handles.get(info.file)
         if handle is None:
+            self._fetch(info.file)
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
+
+    def _fetch(self, file: Path) -> None:
+        """Make a weight file available locally before its first read (a hub checkpoint downloads it)."""
 
     def _read_bin(self, info: TensorInfo) -> torch.Tensor:
         if info.file not in self._bin_cache:
@@ -253,7 +280,23 @@ class Checkpoint:
         self._bin_cache.clear()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def local_tensor_infos(path: Path, allow_pickle: bool) -> tuple[dict[str, TensorInfo], bool]:
+    """Every tensor of a local model directory, from its headers; whether the weights are pickle files."""
+    files, pickled = _weight_files(path, allow_pickle)
+    tensors: dict[str, TensorInfo] = {}
+    for file, expected_names in files.items():
+        for info in _file_tensor_infos(file, pickled):
+            tensors[info.name] = info
+        missing = expected_names - {n for n, i in tensors.items() if i.file == file}
+        if missing:
+            raise CheckpointError(f"{path / SAFE_INDEX}: index maps tensor {sorted(missing)[0]!r} to {file.name}, "
+                                  f"which does not contain it")
+    if not tensors:
+        raise CheckpointError(f"{path}: checkpoint has no tensors")
+    return tensors, pickled
+
+
+def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
@@ -303,9 +346,8 @@ def _file_tensor_infos(file: Path, pickled: bool) -> Iterable[TensorInfo]:
         for name, t in _load_bin(file).items():
             yield TensorInfo(name, tuple(t.shape), t.dtype, file)
         return
-    for name, entry in read_safetensors_header(file).items():
-        if name != "__metadata__":
-            yield TensorInfo(name, tuple(entry["shape"]), SAFE_TO_DTYPE[entry["dtype"]], file)
+    header, data_len = _parse_safetensors_header(file)
+    yield from header_tensor_infos(header, file, data_len, str(file))
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -337,21 +379,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIM_RAY_CACHE") or Path.home() / ".cache" / "aim-ray").expanduser()
 
 
-def _cached_files_hash(files: Sequence[Path]) -> str:
+def files_hash(digests: Iterable[tuple[str, str]]) -> str:
+    """The content hash of weight files from (file name, sha256) pairs in name order: a hub checkpoint's
+    LFS sha256s give the same hash as its local copy."""
     total = hashlib.sha256()
-    store = cache_dir() / "file-hashes"
-    for file in files:
-        st = file.stat()
-        key = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-        memo = store / key
-        if memo.exists():
-            digest = memo.read_text().strip()
-        else:
-            digest = sha256_file(file)
-            store.mkdir(parents=True, exist_ok=True)
-            memo.write_text(digest)
-        total.update(f"{file.name}:{digest}\n".encode())
+    for name, digest in digests:
+        total.update(f"{name}:{digest}\n".encode())
     return total.hexdigest()
+
+
+def _cached_files_hash(files: Sequence[Path]) -> str:
+    return files_hash((file.name, _cached_file_digest(file)) for file in files)
+
+
+def _cached_file_digest(file: Path) -> str:
+    store = cache_dir() / "file-hashes"
+    st = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    memo = store / key
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = sha256_file(file)
+    store.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
 
 
 # ----------------------------------------------------------------------------------------------- writing

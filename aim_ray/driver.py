@@ -624,7 +624,7 @@ def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: Calibration
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
     ranges = layer_ranges(job, len(pool.actors))
-    tensors = pool.calibrate(str(base.path), ranges, blocks, c.micro_batch, dtype, kind=kind, device=c.device)
+    tensors = pool.calibrate(base.ref, ranges, blocks, c.micro_batch, dtype, kind=kind, device=c.device)  # pinned
     check_finite(tensors, dtype)
     device = "+".join(sorted({device_kind(d) for d in devices}))
     scales = scales_artifact(base, tensors, kind, c.dataset, c.n_samples, c.block_size, blocks, c.split, dtype,

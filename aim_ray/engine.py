@@ -16,7 +16,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,12 +95,14 @@ class MergeJob:
 
 
 def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, check_finite: bool = True,
-            shard_size: int = DEFAULT_SHARD_SIZE) -> MergeJob:
-    """Validate the config against the checkpoints' headers. Reads no tensor data."""
+            shard_size: int = DEFAULT_SHARD_SIZE, revisions: Mapping[str, str] | None = None) -> MergeJob:
+    """Validate the config against the checkpoints' headers (hub models: remote headers). Reads no tensor
+    data. `revisions` pins hub refs to commits (`pinned_revisions` of the driver's job, for the workers)."""
     method = get_method(config.merge_method)
     entries, base_ref = _split_base(config, method)
-    base = _open(base_ref, "base_model", allow_pickle)
-    experts = [_open(e.model, f"models[{i}]", allow_pickle) for i, e in enumerate(entries)]
+    pins = revisions or {}
+    base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
+    experts = [_open(e.model, f"models[{i}]", allow_pickle, pins.get(e.model)) for i, e in enumerate(entries)]
     params = resolve_params(method, [e.parameters for e in entries], config.parameters)
     refs = [e.model for e in entries]
     for ref, ckpt in zip(refs, experts):
@@ -138,11 +140,17 @@ def _split_base(config: MergeConfig, method: MergeMethod):
     return entries, base_ref
 
 
-def _open(ref: str, option: str, allow_pickle: bool) -> Checkpoint:
+def _open(ref: str, option: str, allow_pickle: bool, revision: str | None = None) -> Checkpoint:
     try:
-        return Checkpoint.open(ref, allow_pickle=allow_pickle)
+        return Checkpoint.open(ref, allow_pickle=allow_pickle, revision=revision)
     except CheckpointError as e:
         raise CheckpointError(f"{option}: {e}") from None
+
+
+def pinned_revisions(job: MergeJob) -> dict[str, str]:
+    """The commit each hub ref of the job resolved to: workers that prepare the job again read the same
+    weights even if a branch moves meanwhile."""
+    return {c.source: c.commit for c in [job.base, *job.experts] if c.commit is not None}
 
 
 def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref: str) -> None:

@@ -88,9 +88,12 @@ def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def save_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def save_model(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+               max_shard_size: str | None = None) -> Path:
+    """`save_pretrained` (sharded with an index when `max_shard_size`, e.g. "200KB", is given)."""
     out = Path(out_dir)
-    model.save_pretrained(str(out), safe_serialization=True)
+    sharding = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out), safe_serialization=True, **sharding)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
@@ -115,6 +118,7 @@ def build_tiny_family(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     delta_scale: float = 0.02,
+    max_shard_size: str | None = None,
     **config_overrides,
 ) -> tuple[Path, list[Path]]:
     """Write `root/base` and `root/expert_{i}`; return their paths. Deterministic in `seed`."""
@@ -124,10 +128,10 @@ def build_tiny_family(
     build_tokenizer(tok_dir, vocab_size=config_overrides.get("vocab_size", 256))
     config = tiny_config(family, **config_overrides)
     base = build_model(config, seed=seed, dtype=dtype)
-    base_dir = save_model(base, root / "base", tok_dir)
+    base_dir = save_model(base, root / "base", tok_dir, max_shard_size)
     experts = []
     for i in range(n_experts):
         expert = add_expert_delta(build_model(config, seed=seed, dtype=dtype), seed=seed * 1000 + i + 1,
                                   scale=delta_scale)
-        experts.append(save_model(expert, root / f"expert_{i}", tok_dir))
+        experts.append(save_model(expert, root / f"expert_{i}", tok_dir, max_shard_size))
     return base_dir, experts
