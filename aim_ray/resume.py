@@ -64,8 +64,11 @@ def merge_settings(job: MergeJob, relax: RelaxFn | None = None,
             "shard metadata": _digest(dict(metadata or {}))}
 
 
-def file_signature(ckpt: Checkpoint) -> dict[str, list[int]]:
-    """Each weight file's (size, mtime_ns): what the content-hash cache keys on."""
+def file_signature(ckpt: Checkpoint) -> dict[str, Any]:
+    """Each weight file's (size, mtime_ns): what the content-hash cache keys on. A hub checkpoint is named by
+    its commit (its files are fetched lazily and may not exist yet; its content hash costs no download)."""
+    if ckpt.commit is not None:
+        return {"commit": ckpt.commit}
     out = {}
     for file in ckpt.files:
         st = file.stat()
