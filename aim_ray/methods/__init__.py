@@ -21,9 +21,12 @@ from typing import Any
 
 from ..errors import ConfigError, IgnoredParameterWarning
 from . import (  # noqa: F401  (registration)
+    arcee_fusion,
     consensus,
     linear,
     model_stock,
+    nearswap,
+    ram,
     slerp,
     task_arithmetic,
     widen,
