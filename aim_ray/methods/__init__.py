@@ -27,6 +27,7 @@ from . import (  # noqa: F401  (registration)
     model_stock,
     nearswap,
     ram,
+    sce,
     slerp,
     task_arithmetic,
     widen,
