@@ -23,9 +23,12 @@ from ..errors import ConfigError, IgnoredParameterWarning
 from . import (  # noqa: F401  (registration)
     arcee_fusion,
     consensus,
+    karcher,
     linear,
     model_stock,
+    multislerp,
     nearswap,
+    nuslerp,
     ram,
     sce,
     slerp,
