@@ -15,10 +15,11 @@ dtype: no effect here. Base required.
 
 Memory: streamed, one expert read at a time, but selection and weights come before any sum, so the experts are
 read in up to three passes: (1) Welford's mean and M2 in float64 for the variance, exactly as torch.var
-computes it (so equal variances stay equal, and the selected set is MergeKit's), (2) the weights' sums of
-squares and the sum for the sign vote, (3) the weighted sum. Peak: two float64 buffers in pass 1, three float32
-buffers and the expert being read after it, whatever the number of experts (MergeKit stacks all N task
-vectors). Without selection, passes 2 and 3 only.
+computes it (so equal variances stay equal, and the selected set is MergeKit's), (2) the weights' mean squares
+and the sum for the sign vote, (3) the weighted sum. Peak, whatever the number of experts (MergeKit stacks all
+N task vectors): pass 1 two float64 buffers, the expert read and 1M-element scratch; then the selection mask,
+the sign vote (bool), the two sums, the expert read and its weights (float32). Without selection, passes 2
+and 3 only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .sparsify import kth_largest
 
 WEIGHT_FLOOR = 1e-6  # sum of mean squares below this: uniform weights
 DIVISOR_FLOOR = 1e-6
+_SLICE = 1 << 20
 
 
 def sce_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
@@ -85,18 +87,22 @@ def select_mask(inputs: TensorInputs, topk: float) -> torch.Tensor:
 
 def _variance(inputs: TensorInputs) -> torch.Tensor:
     """Population variance over the experts of each element of tau, float32: Welford's update in float64,
-    operation for operation as torch.var(stack, dim=0, unbiased=False) on CPU, so bit for bit its result."""
-    mean = m2 = None
+    operation for operation as torch.var(stack, dim=0, unbiased=False) on CPU, so bit for bit its result.
+    The float64 scratch is per 1M-element slice; mean and M2 are the only full-size float64 buffers."""
+    mean = m2 = shape = None
     for i in range(inputs.n_experts):
-        x = inputs.task_vector(i).double()
+        x = inputs.task_vector(i)
+        shape, x = x.shape, x.reshape(-1)
         if mean is None:
-            mean, m2 = x, torch.zeros_like(x)
+            mean, m2 = x.double(), torch.zeros(x.numel(), dtype=torch.float64)
             continue
-        delta = x - mean
-        mean.add_(delta / (i + 1))
-        m2.add_(delta.mul_(x.sub_(mean)))
-        del x, delta
-    return m2.div_(inputs.n_experts).to(torch.float32)
+        for s in range(0, x.numel(), _SLICE):
+            xs, ms = x[s:s + _SLICE].double(), mean[s:s + _SLICE]
+            delta = xs - ms
+            ms.add_(delta / (i + 1))
+            m2[s:s + _SLICE].add_(delta.mul_(xs.sub_(ms)))
+        del x
+    return m2.div_(inputs.n_experts).to(torch.float32).view(shape)
 
 
 register(MergeMethod(
