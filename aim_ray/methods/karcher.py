@@ -17,10 +17,10 @@ Memory: every m and T is a combination of the u_i, so the iteration runs on coef
 and the N x N Gram matrix of the models (float64): m . u_i = (G c)_i, |T|^2 = t' G t. Then
 merged = sum_j (scale c_j / n_j) x_j. Both G and that sum go over the stored tensors in 1M-element slices of
 every model at a time, summed in float64 (scratch: N slices), so memory does not grow with N where MergeKit
-holds all N tensors and their unit vectors; each model is read twice. Where a stored tensor cannot be used
-as is (vocabulary rows to align), G takes pairs of full tensors (N (N + 1) / 2 reads, two alive) and the sum
-a float64 accumulator. The result is the exact one rounded once to float32; MergeKit's float32 iteration
-rounds more (~2 ulp of the largest weights: 1e-6 at magnitude 4).
+holds all N tensors and their unit vectors; each model's stored bytes are read twice. Where a stored tensor
+cannot be used as is (vocabulary rows to align), G takes pairs of full tensors (N (N + 1) / 2 reads, two
+alive) and the sum a float64 accumulator. The result is the exact one rounded once to float32; MergeKit's
+float32 iteration rounds more (~2 ulp of the largest weights: 1e-6 at magnitude 4).
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> list[
         return [0.0] * n
     g = gram[valid][:, valid] / torch.outer(norms[valid], norms[valid])  # Gram matrix of the unit vectors
     b = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)
-    c = b / _length(b, g)
-    if _length(b, g) < tol:
+    length = _length(b, g)
+    if length < tol:  # the weighted mean of the directions vanishes: start from the first model's
         c = torch.zeros_like(b)
         c[0] = 1.0
+    else:
+        c = b / length
     for _ in range(max_iter):
         dots = (g @ c).clamp(-1.0, 1.0)
         theta = torch.arccos(dots)
