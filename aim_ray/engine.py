@@ -37,7 +37,7 @@ from .checkpoint import (
     shard_filename,
     write_index,
 )
-from .config import MergeConfig
+from .config import MergeConfig, ModelEntry
 from .errors import AimRayError, CheckpointError, ConfigError
 from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
@@ -103,7 +103,8 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     pins = revisions or {}
     base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
     experts = [_open(e.model, f"models[{i}]", allow_pickle, pins.get(e.model)) for i, e in enumerate(entries)]
-    params = resolve_params(method, [e.parameters for e in entries], config.parameters)
+    params = resolve_params(method, [e.parameters for e in entries], config.parameters,
+                            has_base=config.base_model is not None)
     refs = [e.model for e in entries]
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref)
@@ -119,18 +120,24 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
 
 def _split_base(config: MergeConfig, method: MergeMethod):
     """MergeKit semantics: a `models` entry naming the base model is the base, not an expert (for methods
-    that need a base). Methods without one (linear) average every listed model."""
+    that need a base, or take it as a reference: `base_role`). Methods without one merge every listed model
+    (linear), plus the base when it is one more input (karcher)."""
+    base = config.base_model
     if method.needs_base:
-        if config.base_model is None:
+        if base is None:
             raise ConfigError(f"merge_method {method.name!r} needs base_model")
-        entries = [e for e in config.models if e.model != config.base_model]
-        base_ref = config.base_model
+        entries = [e for e in config.models if e.model != base]
+        base_ref = base
     else:
-        if config.aim is not None and config.base_model is None:  # AIM relaxes a delta from a base
+        if config.aim is not None and base is None:  # AIM relaxes a delta from a base
             raise ConfigError(f"aim: merge_method {method.name!r} without base_model has no base to relax "
                               f"toward; set base_model (the experts' common base) or remove aim:")
         entries = list(config.models)
-        base_ref = config.base_model or entries[0].model
+        if base is not None and method.base_role == "reference":
+            entries = [e for e in entries if e.model != base]
+        if base is not None and method.base_role == "input" and all(e.model != base for e in entries):
+            entries.append(ModelEntry(model=base))  # MergeKit appends it to the inputs
+        base_ref = base or entries[0].model
     if len(entries) < method.min_experts:
         raise ConfigError(f"merge_method {method.name!r} needs at least {method.min_experts} model(s) besides "
                           f"the base, got {len(entries)}")

@@ -14,9 +14,14 @@ from safetensors.torch import load_file, save_file
 from aim_ray.checkpoint import Checkpoint
 from aim_ray.cli import main
 from aim_ray.errors import IgnoredParameterWarning
-from aim_ray.methods import REGISTRY
+from aim_ray.methods import REGISTRY, get_method, resolve_params
 from aim_ray.methods.fused import torch_path
 from aim_ray.worlds.tiny import build_model, save_model, tiny_config
+
+try:
+    from tests.inmemory import InMemoryInputs
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from inmemory import InMemoryInputs
 
 
 def run_cli(*args: str):
@@ -57,14 +62,18 @@ def _params_for(method: str, n: int) -> tuple[list[dict], dict]:
            "consensus_ta": [{"weight": 1.0}] * n}.get(method, [{"weight": 1.0, "density": 0.7}] * n)
     if method in ("task_arithmetic", "linear", "widen", "consensus_ta"):
         per = [{"weight": 1.0}] * n if method != "widen" else [{}] * n
-    shared = {"t": 0.3} if method == "slerp" else {}
+    if method in ("nuslerp", "multislerp"):
+        per = [{"weight": 1.0 + 0.5 * i} for i in range(n)]
+    if method in ("karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"):
+        per = [{}] * n
+    shared = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "sce": {"select_topk": 0.5}}.get(method, {})
     return per, shared
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_config, tmp_path):
     base, experts = llama_bf16_family
-    experts = experts[:1] if method == "slerp" else experts
+    experts = experts[:REGISTRY[method].max_experts]  # slerp, nearswap, arcee_fusion: 1; nuslerp: 2
     per, shared = _params_for(method, len(experts))
     per = [dict(p) for p in per]
     cfg = make_config(method, base, experts, per, parameters=shared)
@@ -79,6 +88,47 @@ def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_co
     assert {n: (i.shape, i.dtype) for n, i in got.tensors.items()} == {
         n: (i.shape, i.dtype) for n, i in ref.tensors.items()}
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+def _method_on(method: str, name: str, base: torch.Tensor, experts: list[torch.Tensor], per: list[dict],
+               shared: dict, has_base: bool = True) -> torch.Tensor:
+    """The method on in-memory tensors: the merged float32 tensor."""
+    m = get_method(method)
+    inputs = InMemoryInputs(name, base, experts)
+    return base + m.fn(inputs, resolve_params(m, per, shared, has_base=has_base))
+
+
+def test_base_model_roles_follow_mergekit(llama_family, make_config, tmp_path):
+    """karcher merges a configured base as one more model (appended, or where listed: once); nuslerp takes a
+    listed base as the reference, not as an expert, and without base_model interpolates the weights."""
+    base, experts = llama_family
+    b, es = state(base), [state(e) for e in experts]
+    runs = {
+        "karcher": make_config("karcher", base, experts[:2], [{}, {}], name="k.yaml"),
+        "karcher_listed": make_config("karcher", base, [experts[0], base, experts[1]], [{}] * 3, name="kl.yaml"),
+        "nuslerp_listed": make_config("nuslerp", base, [base, *experts[:2]], [{"weight": 1.0}, {"weight": 0.4},
+                                                                             {"weight": 0.8}], name="n.yaml"),
+        "nuslerp_no_base": make_config("nuslerp", None, experts[:2], [{"weight": 0.4}, {"weight": 0.8}],
+                                       name="nb.yaml"),
+    }
+    out = {}
+    for label, cfg in runs.items():
+        result = run_cli("merge", cfg, "--out", tmp_path / label, "--quiet")
+        assert result.exit_code == 0, result.output
+        out[label] = state(tmp_path / label)
+    for name, theta in b.items():
+        if not theta.is_floating_point():
+            continue
+        e0, e1 = es[0][name], es[1][name]
+        karcher = _method_on("karcher", name, theta, [e0, e1, theta], [{}] * 3, {})
+        assert torch.equal(out["karcher"][name], karcher), name
+        listed = _method_on("karcher", name, theta, [e0, theta, e1], [{}] * 3, {})
+        assert torch.equal(out["karcher_listed"][name], listed), name
+        torch.testing.assert_close(listed, karcher, rtol=0, atol=1e-6)  # the same mean, in another order
+        per = [{"weight": 0.4}, {"weight": 0.8}]
+        assert torch.equal(out["nuslerp_listed"][name], _method_on("nuslerp", name, theta, [e0, e1], per, {})), name
+        assert torch.equal(out["nuslerp_no_base"][name],
+                           _method_on("nuslerp", name, e0, [e0, e1], per, {}, has_base=False)), name
 
 
 def test_output_dtype_is_out_dtype_else_dtype_else_the_bases(llama_bf16_family, make_config, tmp_path):

@@ -247,3 +247,176 @@ def test_della_probabilities_and_rescaling_equal_mergekit_with_the_same_mask(met
     assert feeder.masks == [] and len(feeder.probs) == n
     assert all(torch.equal(ours, mk) for ours, mk in zip(probs, feeder.probs, strict=True))
     check(base.float() + delta, theirs)
+
+
+# --------------------------------------------- methods beyond task arithmetic: float32 and bf16 inputs alike
+
+
+def inputs_for(shape, n, seed, dtype):
+    """(base, experts) as float32 tensors holding `dtype` values: bf16 inputs are rounded first, as a bf16
+    checkpoint would be, and both sides see the same values."""
+    base, experts = tensors(shape, n, seed)
+    return base.to(dtype).float(), [e.to(dtype).float() for e in experts]
+
+
+def ours_in(method, base, experts, per, shared, dtype, has_base=True, name=SHAPES[0][0]):
+    m = get_method(method)
+    inputs = InMemoryInputs(name, base, experts, stored_dtype=dtype)
+    return m.fn(inputs, resolve_params(m, per, shared, has_base=has_base))
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_base", [True, False], ids=["base", "no_base"])
+@pytest.mark.parametrize("shared", [{}, {"nuslerp_flatten": False},
+                                    {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+@pytest.mark.parametrize("name,shape", SHAPES)
+def test_nuslerp(name, shape, shared, has_base, dtype):
+    base, experts = inputs_for(shape, 2, 80, dtype)
+    weights = [0.3, 0.9]
+    per, params = [{"weight": w} for w in weights], {"weight": weights, **shared}
+    if has_base:
+        check(ours_in("nuslerp", base, experts, per, shared, dtype), mergekit_delta("nuslerp", base, experts, params))
+    else:  # no base: MergeKit interpolates the weights; our delta is from models[0], as the engine sets it
+        check(ours_in("nuslerp", experts[0], experts, per, shared, dtype, has_base=False),
+              merge_tensors(experts, "nuslerp", parameters=params) - experts[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_base", [True, False], ids=["base", "no_base"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("name,shape", SHAPES)
+def test_multislerp(name, shape, n, normalize, has_base, dtype):
+    base, experts = inputs_for(shape, n, 81 + n, dtype)
+    weights = [0.3, 0.9, 0.5][:n]
+    per = [{"weight": w} for w in weights]
+    params = {"weight": weights, "normalize_weights": normalize}
+    if has_base:
+        ours = ours_in("multislerp", base, experts, per, {"normalize_weights": normalize}, dtype)
+        check(ours, mergekit_delta("multislerp", base, experts, params))
+    else:
+        ours = ours_in("multislerp", experts[0], experts, per, {"normalize_weights": normalize}, dtype, False)
+        check(ours, merge_tensors(experts, "multislerp", parameters=params) - experts[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("base_input", [False, True], ids=["models", "with_base"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("name,shape", SHAPES)
+def test_karcher(name, shape, n, base_input, dtype):
+    """Without base_model MergeKit averages the listed models; with one, the base too (appended last, as our
+    engine appends it). Our delta is from the base the engine supplies (models[0] without one)."""
+    base, experts = inputs_for(shape, n, 84 + n, dtype)
+    if base_input:
+        ours = ours_in("karcher", base, [*experts, base], [{}] * (n + 1), {}, dtype)
+        check(ours, mergekit_delta("karcher", base, experts, {}))
+    else:
+        ours = ours_in("karcher", experts[0], experts, [{}] * n, {}, dtype, has_base=False)
+        check(ours, merge_tensors(experts, "karcher") - experts[0])
+
+
+@pytest.mark.parametrize("shared", [{"max_iter": 0}, {"max_iter": 3, "tol": 1e-3}])
+def test_karcher_options(shared):
+    base, experts = inputs_for((48, 32), 3, 88, torch.float32)
+    taus = [e - base for e in experts]  # near-orthogonal directions: the iteration has work to do
+    ours = ours_in("karcher", torch.zeros(48, 32), taus, [{}] * 3, shared, torch.float32, has_base=False)
+    check(ours, merge_tensors(taus, "karcher", parameters=shared))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name,shape", SHAPES)
+def test_sce(name, shape, n, topk, dtype):
+    """Merged tensors bit for bit MergeKit's: bf16 inputs tie at the variance cut, and the same elements are
+    selected."""
+    base, experts = bf16_tensors(shape, n, seed=90 + n) if dtype == torch.bfloat16 else tensors(shape, n, 90 + n)
+    base, experts = base.float(), [e.float() for e in experts]
+    ours = ours_in("sce", base, experts, [{}] * n, {"select_topk": topk}, dtype)
+    theirs = merge_tensors([base, *experts], "sce", parameters={"select_topk": topk}, base_index=0)
+    check(ours, theirs - base)
+    assert torch.equal(base + ours, theirs)
+
+
+def test_sce_ties_at_the_cut_and_uniform_weights():
+    """bf16 task vectors of RMS ~1e-4 (fine-tuned LLMs): the mean squares sum below 1e-6, so the weights are
+    uniform, and equal variances straddle the cut."""
+    g = torch.Generator().manual_seed(95)
+    base = (0.05 * torch.randn(96, 160, generator=g)).bfloat16().float()
+    experts = [(base + 1e-4 * torch.randn(96, 160, generator=g)).bfloat16().float() for _ in range(3)]
+    variance = torch.var(torch.stack([e - base for e in experts]), dim=0, unbiased=False).flatten()
+    k = int(torch.count_nonzero(variance) * 0.3)
+    assert stable_would_differ(variance, 0, k, True)
+    assert sum(float((e - base).square().mean()) for e in experts) < 1e-6
+    ours = ours_in("sce", base, experts, [{}] * 3, {"select_topk": 0.3}, torch.bfloat16)
+    assert torch.equal(base + ours, merge_tensors([base, *experts], "sce", parameters={"select_topk": 0.3},
+                                                  base_index=0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t", [0.0, 0.01, 0.05, 1.0])
+@pytest.mark.parametrize("name,shape", SHAPES)
+def test_nearswap(name, shape, t, dtype):
+    base, experts = inputs_for(shape, 1, 100, dtype)
+    check(ours_in("nearswap", base, experts, [{}], {"t": t}, dtype),
+          mergekit_delta("nearswap", base, experts, {"t": t}))
+
+
+class _SampleFeeder:
+    """Stands in for `torch` inside MergeKit's arcee_fusion: randint() hands out the given indices."""
+
+    def __init__(self, high: int, indices: torch.Tensor) -> None:
+        self.high, self.indices = high, indices
+        self.calls = 0
+
+    def randint(self, high, size, **kwargs) -> torch.Tensor:
+        assert high == self.high and tuple(size) == tuple(self.indices.shape)
+        self.calls += 1
+        return self.indices
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape", [*SHAPES, ("model.layers.0.mlp.down_proj.weight", (1100, 1000))])
+def test_arcee_fusion(name, shape, dtype, monkeypatch):
+    """Past 1M elements both sides take the quartiles of the same 1M sample: ours, injected into MergeKit's
+    torch.randint. Then the result is MergeKit's bit for bit."""
+    from mergekit.merge_methods import arcee_fusion as mk_arcee
+
+    base, experts = inputs_for(shape, 1, 101, dtype)
+    inputs = InMemoryInputs(name, base, experts, stored_dtype=dtype)
+    ours = get_method("arcee_fusion").fn(inputs, resolve_params("arcee_fusion", [{}], {}))
+    feeder = None
+    if base.numel() > 1_000_000:
+        generator = torch.Generator().manual_seed(inputs.mask_key(0))
+        feeder = _SampleFeeder(base.numel(), torch.randint(base.numel(), (1_000_000,), generator=generator))
+        monkeypatch.setattr(mk_arcee, "torch", feeder)
+    theirs = merge_tensors([base, *experts], "arcee_fusion", base_index=0)
+    assert feeder is None or feeder.calls == 1
+    check(ours, theirs - base)
+    assert torch.equal(ours != 0, theirs != base)
+    assert 0 < int(torch.count_nonzero(ours)) < base.numel() // 4 or base.dim() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared", [{}, {"epsilon": 0.03}])
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram(method, n, shared, dtype):
+    """Task vectors zero on about half the elements, so unique and shared elements both occur; ramplus_tl
+    with r and alpha large enough that lambda shows."""
+    base, experts = inputs_for((64, 48), n, 102 + n, dtype)
+    g = torch.Generator().manual_seed(n)
+    experts = [torch.where(torch.rand(base.shape, generator=g) < 0.5, base, e) for e in experts]
+    if method == "ramplus_tl":
+        shared = {**shared, "r": 0.5, "alpha": 0.7}
+    ours = ours_in(method, base, experts, [{}] * n, shared, dtype)
+    theirs = merge_tensors([base, *experts], method, parameters=shared, base_index=0)
+    check(ours, theirs - base)
+    if method == "ramplus_tl":
+        assert torch.equal(base + ours, theirs)

@@ -20,7 +20,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, IgnoredParameterWarning
-from . import consensus, linear, model_stock, slerp, task_arithmetic, widen  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    arcee_fusion,
+    consensus,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+    widen,
+)
 from .base import REGISTRY, MergeMethod, MethodParams, ParamSpec
 
 __all__ = ["REGISTRY", "MergeMethod", "MethodParams", "ParamSpec", "get_method", "resolve_params"]
@@ -43,8 +57,10 @@ def get_method(name: str) -> MergeMethod:
 
 
 def resolve_params(method: MergeMethod | str, per_expert: Sequence[Mapping[str, Any]],
-                   shared: Mapping[str, Any], expert_names: Sequence[str] | None = None) -> MethodParams:
-    """Validated parameters for `method` with len(per_expert) experts (`expert_names` only label errors)."""
+                   shared: Mapping[str, Any], expert_names: Sequence[str] | None = None,
+                   has_base: bool = True) -> MethodParams:
+    """Validated parameters for `method` with len(per_expert) experts (`expert_names` only label errors);
+    `has_base`: whether the config names a base_model (`MethodParams.has_base`)."""
     m = get_method(method) if isinstance(method, str) else method
     per_expert = [dict(p or {}) for p in per_expert]
     shared = dict(shared or {})
@@ -60,7 +76,7 @@ def resolve_params(method: MergeMethod | str, per_expert: Sequence[Mapping[str, 
          for p in m.params if p.per_expert}
         for values, label in zip(per_expert, labels, strict=True)
     )
-    params = MethodParams(per_expert=experts, shared=shared_values)
+    params = MethodParams(per_expert=experts, shared=shared_values, has_base=has_base)
     for check in m.extra_checks:
         try:
             check(params)

@@ -56,6 +56,9 @@ class MethodParams:
 
     per_expert: tuple[Mapping[str, Any], ...]
     shared: Mapping[str, Any]
+    # Whether the config names a base_model. Methods with base_role "reference" (nuslerp, multislerp) work on
+    # task vectors from it when there is one, else on the models' weights (`inputs.base()` is then models[0]).
+    has_base: bool = True
 
     def expert(self, i: int, key: str) -> Any:
         return self.per_expert[i][key]
@@ -81,18 +84,32 @@ class ParamSpec:
     choices: tuple[Any, ...] | None = None  # allowed values (e.g. rescale_norm)
 
 
+# What a configured base_model is to a method that runs without one (needs_base False), after MergeKit's
+# BasePolicy: "listed" (linear): a merged model only where `models` lists it; "reference" (OPTIONAL: nuslerp,
+# multislerp): never merged, the method interpolates task vectors from it (`MethodParams.has_base`); "input"
+# (IGNORED: karcher): merged as one more model, appended to `models` unless listed there.
+BASE_ROLES = ("listed", "reference", "input")
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     fn: MergeFn
     params: tuple[ParamSpec, ...]
+    # MergeKit's BasePolicy.REQUIRED. Either way the method returns merged - base, and AIM relaxes that delta;
+    # without needs_base AIM needs a configured base_model (the engine refuses it otherwise).
     needs_base: bool = True
+    base_role: str = "listed"  # one of BASE_ROLES; read only where needs_base is False
     min_experts: int = 1
     max_experts: int | None = None
     reference: str = ""
     doc: str = ""
     extra_checks: tuple[Callable[[MethodParams], None], ...] = field(default_factory=tuple)
     mergekit: bool = True  # one of MergeKit's methods: parameters MergeKit ignores are ignored with a warning
+
+    def __post_init__(self) -> None:
+        if self.base_role not in BASE_ROLES:
+            raise ValueError(f"merge method {self.name!r}: base_role {self.base_role!r} not in {BASE_ROLES}")
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
