@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/merge_speed.py [--root DIR] [--quick]
 
-Speed: base + 3 experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for task_arithmetic,
-ties (density 0.5), dare_ties (density 0.5) and breadcrumbs (density 0.9, gamma 0.01). Memory: ties with
-N = 2, 4, 8, 16 experts, peak anonymous RSS (heap; memory-mapped input pages are page cache, not heap).
-Inputs are warm in the page cache for every tool alike (they were just written).
+Speed: base + experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for every method in
+`METHODS` (3 experts, or what the method takes: slerp and nearswap 1, nuslerp 2). Memory: ties with
+N = 2, 4, 8, 16 experts for both tools, and every streaming method at the smallest and largest N for aim-ray:
+peak anonymous RSS (heap; memory-mapped input pages are page cache, not heap). Inputs are warm in the page
+cache for every tool alike (they were just written).
 """
 
 from __future__ import annotations
@@ -15,17 +16,37 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import build_model_set, io_floor, merge_yaml, timed  # noqa: E402
 
 BIN = Path(sys.executable).parent
-METHODS = {
-    "task_arithmetic": {"weight": 0.5},
-    "ties": {"weight": 0.5, "density": 0.5},
-    "dare_ties": {"weight": 0.5, "density": 0.5},
-    "breadcrumbs": {"weight": 0.5, "density": 0.9, "gamma": 0.01},
+# method -> (experts, per-model parameters, global parameters)
+METHODS: dict[str, tuple[int, dict, dict]] = {
+    "task_arithmetic": (3, {"weight": 0.5}, {}),
+    "ties": (3, {"weight": 0.5, "density": 0.5}, {}),
+    "dare_ties": (3, {"weight": 0.5, "density": 0.5}, {}),
+    "breadcrumbs": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}),
+    "sce": (3, {"weight": 0.5}, {"select_topk": 0.5}),
+    "slerp": (1, {}, {"t": 0.4}),
+    "nuslerp": (2, {"weight": 0.5}, {}),
+    "model_stock": (3, {}, {}),
+    "karcher": (3, {}, {}),
 }
+STREAMING = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "sce", "model_stock", "karcher")
+
+
+def method_yaml(work: Path, method: str, base: Path, experts: list[Path], n: int | None = None) -> Path:
+    count, per_model, shared = METHODS[method]
+    n = n or count
+    path = merge_yaml(work / f"{method}_{n}.yaml", method, base, experts[:n], per_model)
+    data = yaml.safe_load(path.read_text())
+    if shared:
+        data["parameters"] = dict(shared)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
 
 
 def run_tool(tool: str, cfg: Path, out: Path, best_threads: bool = False, threads: int | None = None):
@@ -65,13 +86,14 @@ def main() -> None:
     print("| method | aim-ray s | aim-ray 1 thread s | mergekit s | speed-up | speed-up 1 thread | I/O floor s | "
           "aim-ray / I/O floor |")
     print("|---|---|---|---|---|---|---|---|")
-    for method, params in METHODS.items():
-        cfg = merge_yaml(work / f"{method}.yaml", method, base, experts[:3], params)
-        floor = io_floor([base, *experts[:3]], work / "floor.bin")
+    for method in METHODS:
+        cfg = method_yaml(work, method, base, experts)
+        n_inputs = 1 + METHODS[method][0]
+        floor = io_floor([base, *experts[:n_inputs - 1]], work / "floor.bin")
         ours = run_tool("aim-ray", cfg, work / "out")
         single = run_tool("aim-ray", cfg, work / "out", threads=1)
         theirs = run_tool("mergekit", cfg, work / "out", best_threads=True)
-        print(f"| {method} | {ours.seconds:.2f} | {single.seconds:.2f} | {theirs.seconds:.2f} | "
+        print(f"| {method} ({n_inputs - 1}) | {ours.seconds:.2f} | {single.seconds:.2f} | {theirs.seconds:.2f} | "
               f"{theirs.seconds / ours.seconds:.2f}x | {theirs.seconds / single.seconds:.2f}x | {floor:.2f} | "
               f"{ours.seconds / floor:.2f}x |", flush=True)
 
@@ -80,13 +102,22 @@ def main() -> None:
     print("|---|---|---|---|---|")
     first = None
     for n in ns:
-        cfg = merge_yaml(work / f"ties_{n}.yaml", "ties", base, experts[:n], METHODS["ties"])
+        cfg = method_yaml(work, "ties", base, experts, n)
         ours = run_tool("aim-ray", cfg, work / "out")
         theirs = run_tool("mergekit", cfg, work / "out")
         first = first or ours.peak_anon_mb
         print(f"| {n} | {ours.peak_anon_mb:.0f} | {theirs.peak_anon_mb:.0f} | {ours.seconds:.2f} | "
               f"{theirs.seconds:.2f} |", flush=True)
     print(f"\naim-ray peak heap growth N={ns[0]} -> N={ns[-1]}: {100 * (ours.peak_anon_mb / first - 1):+.1f}%")
+
+    print(f"\n## aim-ray peak heap of every streaming method, N={ns[0]} vs N={ns[-1]}")
+    print(f"| method | N={ns[0]} MB | N={ns[-1]} MB | growth |")
+    print("|---|---|---|---|")
+    for method in STREAMING:
+        small, large = (run_tool("aim-ray", method_yaml(work, method, base, experts, n), work / "out")
+                        for n in (ns[0], ns[-1]))
+        print(f"| {method} | {small.peak_anon_mb:.0f} | {large.peak_anon_mb:.0f} | "
+              f"{100 * (large.peak_anon_mb / small.peak_anon_mb - 1):+.1f}% |", flush=True)
 
 
 if __name__ == "__main__":
