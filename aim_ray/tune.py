@@ -5,6 +5,9 @@ does not depend on omega. So the driver computes the scales once (cached by base
 settings), each method variant's float32 delta once (cached, content-addressed), and the population scores
 (base + experts) once; each trial only relaxes the cached delta with its omega, writes the model, and
 scores it on a long-lived evaluation actor that the driver created (trials get its handle).
+
+On several nodes all of it lives under one storage dir every node sees (`SweepStorage`, checked from each
+node), and each trial writes its own directory, keyed by its trial id.
 """
 
 from __future__ import annotations
@@ -456,6 +459,8 @@ def results_table(grid):
     table = pd.DataFrame(rows)
     if not len(table):
         return table
+    if "finished_at" not in table:  # trials of a sweep started by an older aim-ray, then resumed
+        table["finished_at"] = float("nan")
     table = table.sort_values(["finished_at", "trial_id"], kind="stable")  # originals before their repeats
     first = table.groupby(["variant", "omega"], sort=False)["trial_id"].transform("first")
     table["duplicate_of"] = first.where(first != table["trial_id"], None)

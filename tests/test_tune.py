@@ -277,6 +277,24 @@ def test_bad_input_fails_before_anything_is_written(first, toy_world, tmp_path):
     assert tree(storage / "first") == existing and not (storage / "new").exists()
 
 
+def test_storage_on_one_node_defaults_to_local_paths(cluster, toy_world, tmp_path, monkeypatch):
+    """One node: without a storage dir, Tune's experiments go to runs/tune and the artifacts to the local cache;
+    a storage dir given needs no visibility check. Neither writes anything yet."""
+    monkeypatch.chdir(tmp_path)
+    where = tune.SweepStorage.resolve(None)
+    assert where == tune.SweepStorage(Path.cwd() / "runs" / "tune", tune.cache_dir(), shared=False)
+    given = tune.SweepStorage.resolve("~/sweeps")
+    assert given == tune.SweepStorage(Path.home() / "sweeps", Path.home() / "sweeps", shared=True)
+    where.check_visible()
+    tune.SweepStorage.resolve(tmp_path / "shared").check_visible()
+    assert not list(tmp_path.iterdir())
+    # `storage:` in a sweep config is relative to the config's directory; --storage overrides it
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**config(toy_world).model_dump(mode="json"), "storage": "out"}))
+    assert load_tune_config(path).storage == str(tmp_path / "conf" / "out")
+
+
 def test_cli_help():
     runner = CliRunner()
     demo = runner.invoke(cli, ["demo", "--help"])
