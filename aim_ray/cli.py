@@ -266,8 +266,9 @@ def eval_cmd(model: str, suite: str, backend: str, limit: int | None, batch_size
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/tune"),
-              show_default=True, help="Ray Tune storage_path (trials, results.parquet, plots).")
+@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory every node sees: scales, deltas, trial models, results, Tune's state [default: the "
+                   "config's `storage`, else runs/tune and ~/.cache/aim-ray on a single-node cluster].")
 @click.option("--name", default="sweep", show_default=True, help="Experiment name under --storage.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep without redoing finished trials.")
 @click.option("--overwrite", is_flag=True, help="Start the named sweep over (and replace --export-best).")
@@ -277,7 +278,7 @@ def eval_cmd(model: str, suite: str, backend: str, limit: int | None, batch_size
 @click.option("--address", default=None, help="Ray cluster address [default: RAY_ADDRESS, else a local cluster].")
 @compute_options
 @user_errors
-def tune(config: Path, storage: Path, name: str, resume: bool, overwrite: bool, export_best: Path | None,
+def tune(config: Path, storage: Path | None, name: str, resume: bool, overwrite: bool, export_best: Path | None,
          keep_models: bool, address: str | None, device: str | None, calib_dtype: str | None) -> None:
     """Sweep omega x merge methods with Ray Tune; rank by HV Gain."""
     from .config import load_tune_config

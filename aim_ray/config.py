@@ -221,6 +221,7 @@ class TuneSweepConfig(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)
     trial_cpus: float = Field(1.0, gt=0)  # CPUs a trial reserves (relax + write; scoring runs on the eval actors)
     expert_for_task: dict[str, str] | None = None  # task -> model, for normalised performance
+    storage: str | None = None  # shared dir for scales, deltas, trial models, results (`--storage` overrides)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -249,4 +250,12 @@ def load_tune_config(path: str | Path) -> TuneSweepConfig:
     config = parse_config(TuneSweepConfig, read_yaml(path), str(path))
     models = [m.model_copy(update={"model": _resolve(m.model, path.parent)}) for m in config.models]
     return config.model_copy(update={"models": models, "base_model": _resolve(config.base_model, path.parent),
-                                     "scales": _resolve(config.scales, path.parent)})
+                                     "scales": _resolve(config.scales, path.parent),
+                                     "storage": _storage_path(config.storage, path.parent)})
+
+
+def _storage_path(storage: str | None, root: Path) -> str | None:
+    """A sweep's storage named in its config: relative to the config's directory (it need not exist yet)."""
+    if storage is None or Path(storage).expanduser().is_absolute():
+        return storage
+    return str((root / storage).absolute())

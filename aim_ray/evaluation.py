@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -448,6 +449,7 @@ class EvalWorker:
         if tasks is not None:  # fail at creation, not at the first model
             _task_list(tasks, include_path, allow_code_execution)
         self.evaluated: list[str] = []
+        self.spans: list[tuple[str, float, float]] = []  # (model, start, end) in wall-clock seconds
 
     def evaluate(self, model_dir: str | Path, tasks: str | Sequence[str] | None = None, *,
                  limit: int | float | None = None, include_path: str | Sequence[str] | None = None,
@@ -466,12 +468,14 @@ class EvalWorker:
         names, include = _task_list(tasks, include_path, code)
         manager = _task_manager(include, names)
         _check_model(model_dir)
+        started = time.time()
         lm = self.backend.load(model_dir)
         with _code_eval_env(code and any(is_code_task(t) for t in names)):
             raw = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot, gen_kwargs=gen_kwargs, log_samples=False,
                                   bootstrap_iters=bootstrap_iters, confirm_run_unsafe_code=code)
         self.evaluated.append(str(model_dir))
+        self.spans.append((str(model_dir), started, time.time()))
         return _parse_results(raw or {}, names, subtasks)
 
     def score(self, model_dir: str | Path, tasks: str | Sequence[str] | None = None, **kwargs: Any
@@ -490,8 +494,10 @@ class EvalWorker:
                           finished_at=_now(), versions=runtime_versions())
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "backend": self.backend.name, "evaluated": list(self.evaluated),
-                "loads": self.backend.loads, "engines_started": getattr(self.backend, "engines_started", 0)}
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"pid": os.getpid(), "node_id": node, "backend": self.backend.name, "evaluated": list(self.evaluated),
+                "spans": list(self.spans), "loads": self.backend.loads,
+                "engines_started": getattr(self.backend, "engines_started", 0)}
 
     def close(self) -> None:
         self.backend.close()

@@ -5,6 +5,9 @@ does not depend on omega. So the driver computes the scales once (cached by base
 settings), each method variant's float32 delta once (cached, content-addressed), and the population scores
 (base + experts) once; each trial only relaxes the cached delta with its omega, writes the model, and
 scores it on a long-lived evaluation actor that the driver created (trials get its handle).
+
+On several nodes all of it lives under one storage dir every node sees (`SweepStorage`, checked from each
+node), and each trial writes its own directory, keyed by its trial id.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,12 +97,13 @@ def delta_key(job) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def cached_delta(cfg: TuneSweepConfig, variant: Variant) -> tuple[Path, bool]:
-    """The variant's float32 delta checkpoint; returns (path, computed_now)."""
+def cached_delta(cfg: TuneSweepConfig, variant: Variant, root: Path | None = None) -> tuple[Path, bool]:
+    """The variant's float32 delta checkpoint under `root/deltas` (default: the local cache); returns
+    (path, computed_now)."""
     from .engine import prepare, write_delta
 
     job = prepare(merge_config(cfg, variant), seed=cfg.seed)
-    path = cache_dir() / "deltas" / delta_key(job)
+    path = (root or cache_dir()) / "deltas" / delta_key(job)
     if (path / "model.safetensors").exists():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +111,9 @@ def cached_delta(cfg: TuneSweepConfig, variant: Variant) -> tuple[Path, bool]:
     return path, True
 
 
-def cached_scales(cfg: TuneSweepConfig) -> tuple[Path, bool]:
-    """The scales artifact for the base + calibration settings; returns (path, computed_now)."""
+def cached_scales(cfg: TuneSweepConfig, root: Path | None = None) -> tuple[Path, bool]:
+    """The scales artifact for the base + calibration settings, under `root/scales` (default: the local
+    cache); returns (path, computed_now)."""
     from .calibration import cached_calibrate, resolve_compute, scales_cache_path
     from .scales import Scales
 
@@ -118,12 +124,13 @@ def cached_scales(cfg: TuneSweepConfig) -> tuple[Path, bool]:
     cal = cfg.calibration
     ckpt = Checkpoint.open(cfg.base_model)
     device, dtype = resolve_compute(cal.device, cal.dtype)  # on the driver, where the calibration runs
+    where = None if root is None else root / "scales"
     path = scales_cache_path(ckpt, cal.dataset, cal.n_samples, cal.block_size, cal.n_blocks, cal.split, dtype,
-                             cfg.kind)
+                             cfg.kind, where)
     computed = not path.exists()
     cached_calibrate(ckpt, dataset=cal.dataset, n_samples=cal.n_samples, block_size=cal.block_size,
                      n_blocks=cal.n_blocks, kind=cfg.kind, split=cal.split, micro_batch=cal.micro_batch,
-                     dtype=dtype, device=device)
+                     dtype=dtype, device=device, cache_root=where)
     return path, computed
 
 
@@ -151,11 +158,13 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = TuneSweepConfig.model_validate(ctx["config"])
     variant = next(v for v in plan_variants(cfg) if v.key == config["variant"])
     omega = float(config["omega"])
-    out = Path(ctx["models_dir"]) / f"{variant.key}-omega{omega:.3f}"
+    # keyed by the trial, never by (variant, omega) alone: a searcher repeating a pair gets a second directory
+    out = Path(ctx["trials_dir"]) / tune.get_context().get_trial_id()
     started = time.time()
     trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out)
     written = time.time()
-    scores, cached = trial_scores(cfg, ctx, out)
+    scores, actor = trial_scores(cfg, ctx, out)
+    cached = actor is None
     if not ctx["keep_models"]:
         shutil.rmtree(out, ignore_errors=True)
     tasks = ctx["tasks"]
@@ -166,28 +175,112 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                    hv_gain=hv_gain(population, point),
                    normalized_performance=normalized_performance(scores, ctx["expert_scores"]),
                    seconds=time.time() - started, relax_seconds=written - started,
-                   eval_seconds=0.0 if cached else time.time() - written, scores_cached=cached)
+                   eval_seconds=0.0 if cached else time.time() - written, scores_cached=cached,
+                   eval_actor=-1 if cached else actor, started_at=started, finished_at=time.time())
     tune.report(metrics)
 
 
-def trial_scores(cfg: TuneSweepConfig, ctx: dict[str, Any], model_dir: Path) -> tuple[dict[str, float], bool]:
+def trial_scores(cfg: TuneSweepConfig, ctx: dict[str, Any], model_dir: Path) -> tuple[dict[str, float], int | None]:
     """The model's scores, from the scores cache when a model with the same bytes was scored before under the
-    same evaluation setup (a rerun of a sweep), else from a free actor of the pool; returns (scores, cached)."""
-    file = _scores_cache(str(model_dir), ctx["eval_key"]) if cfg.eval.cache_scores else None
+    same evaluation setup (a rerun of a sweep, a repeated trial), else from a free actor of the pool; returns
+    (scores, the index of the actor that scored it or None when cached)."""
+    file = _scores_cache(str(model_dir), ctx["eval_key"], Path(ctx["artifacts"])) if cfg.eval.cache_scores else None
     if file is not None and file.exists():
-        return json.loads(file.read_text()), True
-    scores = score_on_pool(ctx["pool"], str(model_dir), cfg.eval.timeout_s)
+        return json.loads(file.read_text()), None
+    scores, actor = score_on_pool(ctx["pool"], str(model_dir), cfg.eval.timeout_s)
     if file is not None:
         _write_json(file, scores)
-    return scores, False
+    return scores, actor
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+DEFAULT_EXPERIMENTS = Path("runs/tune")  # single-node default for Tune's experiments (artifacts: the local cache)
+
+
+@dataclass(frozen=True)
+class SweepStorage:
+    """Where a sweep keeps its files. With a storage dir (`--storage DIR`, `storage:`), everything is under DIR,
+    which every node must see: DIR/scales, DIR/deltas and DIR/scores (artifacts shared by sweeps) and DIR/<name>
+    (the Ray Tune experiment: Tune's state, trials/<trial_id>, results.parquet, plots). Without one, on a
+    single-node cluster only: experiments under runs/tune and artifacts in the local cache (~/.cache/aim-ray)."""
+
+    experiments: Path
+    artifacts: Path
+    shared: bool
+
+    @classmethod
+    def resolve(cls, storage: str | os.PathLike | None) -> SweepStorage:
+        """Refuses a cluster with nodes besides the driver's when no storage dir is given: trials and evaluation
+        actors there could not read the driver's local files."""
+        if storage is None:
+            nodes = alive_nodes()
+            if _beyond_driver(nodes):
+                raise ConfigError(f"the Ray cluster has {len(nodes)} alive nodes: pass --storage DIR (or `storage:` "
+                                  f"in the sweep config) on a filesystem every node sees (NFS, EFS, Filestore) for "
+                                  f"the scales, deltas, trial models and results")
+            return cls(DEFAULT_EXPERIMENTS.absolute(), cache_dir(), False)
+        root = Path(storage).expanduser().absolute()  # not resolve(): the path as every node will spell it
+        return cls(root, root, True)
+
+    def check_visible(self, timeout_s: float = 60.0) -> None:
+        nodes = alive_nodes()
+        if self.shared and _beyond_driver(nodes):
+            check_shared_dir(self.artifacts, nodes, timeout_s)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _beyond_driver(nodes: list[dict[str, Any]]) -> bool:
+    import ray
+
+    return any(n["NodeID"] != ray.get_runtime_context().get_node_id() for n in nodes)
+
+
+def check_shared_dir(root: Path, nodes: list[dict[str, Any]], timeout_s: float) -> None:
+    """`root` must be the same directory on every node: the driver writes a marker file there and a task pinned
+    to each node (node affinity, not soft) looks for it. Refuses naming the nodes that cannot see it (or did not
+    answer within `timeout_s`); a directory created for the check is removed again."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def exists(path: str) -> bool:  # nested: shipped by value, so the check imports nothing of aim_ray
+        return os.path.exists(path)
+
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".aim-ray-visible-{uuid.uuid4().hex}"
+    marker.touch()
+    probe = ray.remote(num_cpus=0)(exists)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                              ).remote(str(marker)) for n in nodes]
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        seen = dict(zip(ready, ray.get(ready, timeout=timeout_s)))
+        for ref in late:
+            ray.cancel(ref)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [f"{n['NodeID']} ({n.get('NodeManagerAddress', '?')}"
+             f"{'' if ref in seen else f', no answer within {timeout_s:.0f} s'})"
+             for n, ref in zip(nodes, refs) if not seen.get(ref)]
+    if blind:
+        if created:
+            root.rmdir()
+        raise ConfigError(f"--storage {root}: not visible from node(s) {', '.join(blind)}; it must be a directory "
+                          f"every node of the Ray cluster sees (NFS, EFS, Filestore)")
 
 
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def _scores_cache(model: str, eval_key: str) -> Path:
+def _scores_cache(model: str, eval_key: str, root: Path) -> Path:
     digest = hashlib.sha256(f"{Checkpoint.open(model).content_hash()}:{eval_key}".encode()).hexdigest()[:24]
-    return cache_dir() / "scores" / f"{digest}.json"
+    return root / "scores" / f"{digest}.json"
 
 
 def _write_json(file: Path, data: Any) -> None:
@@ -197,11 +290,12 @@ def _write_json(file: Path, data: Any) -> None:
     tmp.replace(file)
 
 
-def population_scores(cfg: TuneSweepConfig, pool: EvalPool, eval_key: str) -> dict[str, dict[str, float]]:
-    """Scores of the base and every expert, each evaluated once ever for this eval setup (cached); the ones
-    not cached yet are scored at once, spread over the pool's actors."""
+def population_scores(cfg: TuneSweepConfig, pool: EvalPool, eval_key: str, root: Path
+                      ) -> dict[str, dict[str, float]]:
+    """Scores of the base and every expert, each evaluated once ever for this eval setup (cached under
+    `root/scores`); the ones not cached yet are scored at once, spread over the pool's actors."""
     models = [cfg.base_model, *[m.model for m in cfg.models]]
-    files = {m: _scores_cache(m, eval_key) for m in models}
+    files = {m: _scores_cache(m, eval_key, root) for m in models}
     todo = [m for m in models if not files[m].exists()]
     refs = [pool.actors[i % len(pool.actors)].score.remote(m) for i, m in enumerate(todo)]
     rounds = -(-len(todo) // len(pool.actors))  # each actor scores its models one after another
@@ -255,45 +349,48 @@ def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
     return tune.TuneConfig(metric="hv_gain", mode="max", max_concurrent_trials=cfg.max_concurrent_trials)
 
 
-def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "sweep", resume: bool = False,
-              keep_models: bool = False, export_best: str | os.PathLike | None = None,
+def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike | None = None, *, name: str = "sweep",
+              resume: bool = False, keep_models: bool = False, export_best: str | os.PathLike | None = None,
               overwrite: bool = False, scorer_factory=None, echo=print, progress: bool = False) -> SweepResult:
-    """Run (or resume) a sweep on the connected Ray cluster. `scorer_factory(cfg)` returns the pool of long-lived
-    evaluation actors, the task names and the scores-cache key (default: `default_scorer`, an
-    `evaluation.EvalActor` pool configured by `cfg.eval`); trials take a free actor of the pool."""
+    """Run (or resume) a sweep on the connected Ray cluster. `storage` (else `cfg.storage`): the directory every
+    node sees, see `SweepStorage`. `scorer_factory(cfg)` returns the pool of long-lived evaluation actors, the
+    task names and the scores-cache key (default: `default_scorer`, an `evaluation.EvalActor` pool configured by
+    `cfg.eval`); trials take a free actor of the pool."""
     from ray import tune
 
     from .metrics import normalized_performance
 
-    storage = Path(storage).expanduser().absolute()
-    experiment = storage / name
+    where = SweepStorage.resolve(storage if storage is not None else cfg.storage)
+    experiment = where.experiments / name
     if experiment.exists() and not (resume or overwrite):
         raise ConfigError(f"{experiment}: a sweep of that name exists; pass --resume to continue it or "
                           f"--overwrite to start over")
     if export_best is not None and Path(export_best).exists() and not overwrite:
         raise ConfigError(f"--export-best {export_best}: already exists; pass --overwrite to replace it")
-    if overwrite and not resume and experiment.exists():
-        shutil.rmtree(experiment)
     variants = plan_variants(cfg)
     from .engine import prepare
 
     for v in variants:  # validate every merge before any long work
         prepare(merge_config(cfg, v), seed=cfg.seed)
+    where.check_visible()
+    if overwrite and not resume and experiment.exists():
+        shutil.rmtree(experiment)
 
     echo(f"calibrating {cfg.base_model} ({cfg.kind} scales) ...")
-    scales, scales_computed = cached_scales(cfg)
+    scales, scales_computed = cached_scales(cfg, where.artifacts)
     deltas, merges = {}, 0
     for v in variants:
         echo(f"merged delta for {v.label()} ...")
-        path, computed = cached_delta(cfg, v)
+        path, computed = cached_delta(cfg, v, where.artifacts)
         deltas[v.key], merges = str(path), merges + computed
     pool, tasks, eval_key = (scorer_factory or default_scorer)(cfg)
     echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} with {len(pool.actors)} "
          f"evaluation actor(s) (cached after the first run) ...")
-    population = population_scores(cfg, pool, eval_key)
+    population = population_scores(cfg, pool, eval_key, where.artifacts)
     ctx = {"config": cfg.model_dump(mode="json"), "deltas": deltas, "scales": str(scales),
-           "models_dir": str(experiment / "models"), "keep_models": keep_models, "pool": pool, "tasks": tasks,
-           "eval_key": eval_key, "population": population, "expert_scores": expert_scores(cfg, population, tasks)}
+           "artifacts": str(where.artifacts), "trials_dir": str(experiment / "trials"), "keep_models": keep_models,
+           "pool": pool, "tasks": tasks, "eval_key": eval_key, "population": population,
+           "expert_scores": expert_scores(cfg, population, tasks)}
     normalized_performance(ctx["expert_scores"], ctx["expert_scores"])  # zero references fail here, not in trials
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     tune.PlacementGroupFactory([{"CPU": cfg.trial_cpus}]))
@@ -303,8 +400,8 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike, *, name: str = "
     else:
         callbacks = [TrialProgress(_trial_count(cfg, variants))] if progress else []
         tuner = tune.Tuner(trainable, param_space=param_space(cfg, variants), tune_config=tune_config(cfg, tasks),
-                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0 if progress else 1,
-                                                     callbacks=callbacks))
+                           run_config=tune.RunConfig(name=name, storage_path=str(where.experiments),
+                                                     verbose=0 if progress else 1, callbacks=callbacks))
     grid = tuner.fit()
     table = results_table(grid)
     results_path = experiment / "results.parquet"
@@ -344,8 +441,13 @@ def TrialProgress(total: int):  # noqa: N802 (a factory: ray.tune is imported on
     return _TrialProgress()
 
 
+_KEPT_METRICS = ("method", "variant", "omega", "seconds", "relax_seconds", "eval_seconds", "scores_cached",
+                 "eval_actor", "started_at", "finished_at")
+
+
 def results_table(grid):
-    """One row per finished trial, ranked by HV Gain (then normalised performance)."""
+    """One row per finished trial, ranked by HV Gain (then normalised performance); `duplicate_of` names the
+    trial that finished first with the same variant and omega (a searcher such as Optuna may repeat a pair)."""
     import pandas as pd
 
     rows = []
@@ -353,11 +455,17 @@ def results_table(grid):
         if result.error or not result.metrics:
             continue
         keep = {k: v for k, v in result.metrics.items() if k.startswith(("score/", "hv_gain", "normalized"))
-                or k in ("method", "variant", "omega", "seconds", "relax_seconds", "eval_seconds", "scores_cached")}
+                or k in _KEPT_METRICS}
         rows.append({**keep, "trial_id": result.metrics.get("trial_id")})
     table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(["hv_gain", "normalized_performance"], ascending=False, kind="stable")
+    if not len(table):
+        return table
+    if "finished_at" not in table:  # trials of a sweep started by an older aim-ray, then resumed
+        table["finished_at"] = float("nan")
+    table = table.sort_values(["finished_at", "trial_id"], kind="stable")  # originals before their repeats
+    first = table.groupby(["variant", "omega"], sort=False)["trial_id"].transform("first")
+    table["duplicate_of"] = first.where(first != table["trial_id"], None)
+    table = table.sort_values(["hv_gain", "normalized_performance"], ascending=False, kind="stable")
     return table.reset_index(drop=True)
 
 
@@ -391,7 +499,8 @@ class EvalPool:
         return cls(list(actors), free)
 
 
-def score_on_pool(pool: EvalPool, model_dir: str, timeout_s: float) -> dict[str, float]:
+def score_on_pool(pool: EvalPool, model_dir: str, timeout_s: float) -> tuple[dict[str, float], int]:
+    """Score on the next free actor; returns (scores, that actor's index)."""
     from ray.util.queue import Empty
 
     try:
@@ -399,7 +508,7 @@ def score_on_pool(pool: EvalPool, model_dir: str, timeout_s: float) -> dict[str,
     except Empty as e:
         raise TimeoutError(f"no evaluation actor became free within {timeout_s:.0f} s for {model_dir}") from e
     try:
-        return _get([pool.actors[i].score.remote(model_dir)], timeout_s, f"evaluation actor {i} on {model_dir}")[0]
+        return _get([pool.actors[i].score.remote(model_dir)], timeout_s, f"evaluation actor {i} on {model_dir}")[0], i
     finally:
         pool.free.put(i)
 
@@ -442,11 +551,14 @@ def default_scorer(cfg: TuneSweepConfig):
         if other.startswith(EVAL_ACTOR) and other not in names:  # reusing it would score (and cache) the wrong
             ray.kill(ray.get_actor(other))  # thing; keeping it would hold the resources trials need
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}  # per-request bars would drown Tune's trial table
-    actors = [EvalActor.options(name=n, get_if_exists=True, num_cpus=cfg.eval.num_cpus,
-                                num_gpus=cfg.eval.num_gpus, runtime_env=quiet).remote(
+    # SPREAD: on a multi-node cluster the actors go to different nodes, so they do not share one node's cores
+    actors = [EvalActor.options(name=n, get_if_exists=True, num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus,
+                                scheduling_strategy="SPREAD", runtime_env=quiet).remote(
         backend=cfg.eval.backend, tasks=tasks, include_path=include_path, limit=cfg.eval.limit,
         batch_size=cfg.eval.batch_size, tensor_parallel_size=cfg.eval.tensor_parallel_size,
         allow_code_execution=cfg.eval.allow_code_execution) for n in names]
+    # up (or failed) before any scoring: the population is then scored by every actor at once
+    _get([a.info.remote() for a in actors], cfg.eval.timeout_s, "starting the evaluation actors")
     return EvalPool.of(actors), tasks, key
 
 
@@ -476,8 +588,11 @@ def print_summary(result: SweepResult, echo=print, top: int = 20) -> None:
         echo("no trial finished")
         return
     scores = [c for c in table.columns if c.startswith("score/")]
-    cols = ["variant", "omega", "hv_gain", "normalized_performance", *scores]
+    repeats = int(table["duplicate_of"].notna().sum())
+    cols = ["variant", "omega", "hv_gain", "normalized_performance", *scores, *(["duplicate_of"] if repeats else [])]
     echo("\nranked by HV Gain:\n" + table[cols].head(top).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if repeats:
+        echo(f"{repeats} trial(s) repeat the variant and omega of an earlier trial (column duplicate_of)")
     echo(f"\ncomputed this run: {result.computed['calibrations']} calibration(s), {result.computed['merges']} "
          f"merge(s), {result.computed['trials']} trial(s)")
     echo(f"results: {result.results_path}")

@@ -1,6 +1,7 @@
 """The marginal cost of one more omega in a sweep vs one full merge + AIM, side by side in one run.
 
     .venv/bin/python benchmarks/tune.py [--root DIR] [--repeats 3] [--no-eval]
+    .venv/bin/python benchmarks/tune.py --eval-actors [--quick] [--root DIR] [--repeats 1]
 
 A sweep merges each method variant once (a cached float32 delta) and computes the scales once; one more omega
 then costs one relaxation of the cached delta plus the write of the model (`tune.trial_model`), and its
@@ -16,6 +17,15 @@ On synthetic Llama-shaped bf16 models big enough that the merge dominates (hidde
 evaluation; and on the tiny world (the demo's models), where it also times the evaluation of one trial model
 (lm-eval, hf backend, the toy suite, in process: what the sweep's evaluation actor does per trial).
 Target: one more omega costs at most 15% of a one-pass merge + AIM on the synthetic models.
+
+`--eval-actors`: a whole Tune sweep on the real world (1 method x 4 omegas, trial scores not cached, so every
+trial is evaluated) with a pool of 1 and then 2 evaluation actors (1 CPU, so one torch thread, each) on a local
+Ray cluster of 4 CPU slots (2 actors + 2 concurrent trials) on this 2-core machine. Scales, delta and the
+population's scores are made by a warm-up sweep first (kept under `ROOT/storage` for later runs) and every actor
+has scored a model before the timed sweeps start. It prints (a) the wall time of the trials (first trial start
+to last trial end) with 1 and with 2 actors and their ratio, target >= 1.6x; (b) a trial's relax + write time
+as a share of its evaluation time (median over the trials), target <= 5%. `--quick`: the toy world, 2 omegas,
+20 examples per task, only to check the script runs. Run it on an otherwise idle machine (a few minutes).
 
 All timings: one intra-op thread (`torch.set_num_threads(1)`, fair on a shared 2-core machine), warm page
 cache, one warm-up of each side, then the best of `--repeats` alternating runs. The outputs of both sides are
@@ -131,15 +141,96 @@ def eval_seconds(cfg: TuneSweepConfig, work: Path, repeats: int) -> float:
     return seconds
 
 
+# ------------------------------------------------------------------------- --eval-actors: the evaluation pool
+
+
+def pool_config(quick: bool, actors: int, warm_up: bool = False) -> TuneSweepConfig:
+    """1 method x 4 omegas on the real world (`quick`: 2 omegas on the toy world, 20 examples per task);
+    `warm_up`: the first omega only."""
+    from aim_ray.worlds import load_world
+
+    world = load_world("tiny" if quick else "real")  # the cached world (the real one is built on first use)
+    omegas = (0.4, 1.0) if quick else (0.2, 0.4, 0.6, 0.8)
+    omegas = omegas[:1] if warm_up else omegas
+    data = demo_config(world, methods=("task_arithmetic",), omegas=omegas).model_dump(mode="json")
+    data["eval"].update(num_actors=actors, num_cpus=1, cache_scores=False, **({"limit": 20} if quick else {}))
+    data.update(max_concurrent_trials=2, trial_cpus=1)
+    return TuneSweepConfig.model_validate(data)
+
+
+def warm_scorer(cfg: TuneSweepConfig):
+    """`tune.default_scorer`, then one evaluation of the base on every actor that has scored nothing yet, so no
+    timed trial pays an actor's first-model costs (lm-eval imports, task indexing, datasets)."""
+    import ray
+
+    pool, tasks, key = tune.default_scorer(cfg)
+    cold = [a for a, info in zip(pool.actors, ray.get([a.info.remote() for a in pool.actors], timeout=600))
+            if not info["evaluated"]]
+    ray.get([a.score.remote(cfg.base_model) for a in cold], timeout=cfg.eval.timeout_s)
+    return pool, tasks, key
+
+
+def pool_sweep(quick: bool, actors: int, storage: Path, name: str, warm_up: bool = False) -> dict[str, float]:
+    cfg = pool_config(quick, actors, warm_up)
+    start = time.perf_counter()
+    result = tune.run_sweep(cfg, storage, name=name, overwrite=True, scorer_factory=warm_scorer,
+                            echo=lambda *_: None, progress=True)  # progress: no Tune tables (tqdm is off)
+    table = result.table
+    if len(table) != len(cfg.omegas):
+        raise SystemExit(f"sweep {name}: {len(table)} trial(s) finished, expected every omega")
+    share = table["relax_seconds"] / table["eval_seconds"]
+    return {"trials": len(table), "wall": float(table["finished_at"].max() - table["started_at"].min()),
+            "total": time.perf_counter() - start, "relax": float(table["relax_seconds"].median()),
+            "eval": float(table["eval_seconds"].median()), "share": float(share.median()),
+            "share_max": float(share.max()), "actors_used": int(table["eval_actor"].nunique())}
+
+
+def eval_actors_main(args) -> None:
+    import ray
+
+    storage = args.root.absolute() / "storage"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        pool_sweep(args.quick, 2, storage, "warm-up", warm_up=True)  # scales, delta, population; actors up
+        runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+        for _ in range(args.repeats):  # alternating, so both see the same background load
+            for actors in (1, 2):
+                runs[actors].append(pool_sweep(args.quick, actors, storage, f"actors-{actors}"))
+    finally:
+        ray.shutdown()
+    best = {k: min(v, key=lambda r: r["wall"]) for k, v in runs.items()}
+    world = "toy world, 2 omegas, 20 examples per task (--quick)" if args.quick else "real world, 4 omegas"
+    print(f"## Tune sweep with 1 vs 2 evaluation actors ({world}; task_arithmetic; 1 CPU per actor, 2 concurrent "
+          f"trials; best of {args.repeats})")
+    print("| eval actors | trials | actors used | trials wall (s) | sweep total (s) | relax + write, median (s) "
+          "| eval, median (s) | relax + write / eval, median (max) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, r in best.items():
+        print(f"| {k} | {r['trials']} | {r['actors_used']} | {r['wall']:.1f} | {r['total']:.1f} | {r['relax']:.2f} "
+              f"| {r['eval']:.2f} | {r['share']:.1%} ({r['share_max']:.1%}) |")
+    ratio = best[1]["wall"] / best[2]["wall"]
+    share = max(r["share"] for r in best.values())
+    print(f"\n(a) 2 actors vs 1: {ratio:.2f}x faster trials; target >= 1.6x: {'met' if ratio >= 1.6 else 'NOT met'}")
+    print(f"(b) relax + write / evaluation, median per trial: {share:.1%}; target <= 5%: "
+          f"{'met' if share <= 0.05 else 'NOT met'}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=Path("bench_out/tune"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default: 3 (1 with --eval-actors)")
     ap.add_argument("--no-eval", action="store_true", help="skip the tiny world's evaluation timing")
+    ap.add_argument("--eval-actors", action="store_true", help="time a sweep with 1 vs 2 evaluation actors")
+    ap.add_argument("--quick", action="store_true", help="with --eval-actors: the toy world, to check it runs")
     args = ap.parse_args()
-    torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars
+    if args.eval_actors:
+        args.repeats = args.repeats or 1
+        return eval_actors_main(args)
+    args.repeats = args.repeats or 3
+    torch.set_num_threads(1)
     root = args.root.absolute()
     rows = []
     cfg = synthetic_config(root)

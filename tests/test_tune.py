@@ -84,9 +84,9 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def cached_delta_path(cfg: TuneSweepConfig, variant: tune.Variant) -> Path:
-    """Where the sweep caches the variant's delta (computed by the first sweep)."""
-    return tune.cache_dir() / "deltas" / tune.delta_key(prepare(tune.merge_config(cfg, variant), seed=cfg.seed))
+def cached_delta_path(cfg: TuneSweepConfig, variant: tune.Variant, storage: Path) -> Path:
+    """Where a sweep with this storage caches the variant's delta (computed by the first sweep)."""
+    return storage / "deltas" / tune.delta_key(prepare(tune.merge_config(cfg, variant), seed=cfg.seed))
 
 
 def one_pass_merge(cfg: TuneSweepConfig, method: str, omega: float, scales: Path, out: Path) -> Path:
@@ -132,7 +132,7 @@ def test_small_sweep_ranks_every_trial_and_exports_the_best(first, toy_world, tm
     tasks = toy_world.task_names
     assert len(table) == len(METHODS) * len(OMEGAS)  # one row per trial
     assert sorted(zip(table["method"], table["omega"])) == sorted((m, w) for m in METHODS for w in OMEGAS)
-    assert table["trial_id"].is_unique
+    assert table["trial_id"].is_unique and table["duplicate_of"].isna().all()  # a grid repeats no pair
     ranked = table.sort_values(["hv_gain", "normalized_performance"], ascending=False, kind="stable")
     assert table.equals(ranked.reset_index(drop=True))  # best first
     assert (table["hv_gain"].diff().dropna() <= 0).all()
@@ -145,17 +145,17 @@ def test_small_sweep_ranks_every_trial_and_exports_the_best(first, toy_world, tm
     saved = json.loads((storage / "first" / "population.json").read_text())
     assert sorted(saved) == sorted(population(toy_world)) and all(set(s) == set(tasks) for s in saved.values())
     assert result.best == table.iloc[0].to_dict()
-    assert not list((storage / "first" / "models").iterdir())  # trial models are deleted once scored
+    assert not list((storage / "first" / "trials").iterdir())  # trial models are deleted once scored
 
     # --export-best == a one-pass `aim-ray merge` (merge + AIM) of the best trial, with the cached scales:
     # relaxing the cached float32 delta gives the very same bits
-    scales, computed = tune.cached_scales(cfg)
-    assert not computed
+    scales, computed = tune.cached_scales(cfg, storage)  # everything the sweep made is under its storage
+    assert not computed and scales.parent == storage / "scales"
     method, omega = result.best["method"], float(result.best["omega"])
     assert_same_tensors(storage / "best", one_pass_merge(cfg, method, omega, scales, tmp_path / "one-pass"))
     # and whichever trial won: a relaxed TIES trial model (omega < 1, so AIM changes the weights) too
     ties = next(v for v in tune.plan_variants(cfg) if v.method == "ties")
-    trial = tune.trial_model(cfg, ties, 0.4, cached_delta_path(cfg, ties), scales, tmp_path / "trial")
+    trial = tune.trial_model(cfg, ties, 0.4, cached_delta_path(cfg, ties, storage), scales, tmp_path / "trial")
     relaxed = assert_same_tensors(trial, one_pass_merge(cfg, "ties", 0.4, scales, tmp_path / "ties-0.4"))
     plain = tensors(one_pass_merge(cfg, "ties", 1.0, scales, tmp_path / "ties-1.0"))
     assert any(not torch.equal(t, plain[n]) for n, t in relaxed.items())
@@ -167,16 +167,17 @@ def test_second_sweep_recomputes_nothing_and_scores_the_population_once(first, t
     trials, n_pop = len(METHODS) * len(OMEGAS), len(population(toy_world))
     assert sorted(seen[:n_pop]) == sorted(population(toy_world))  # scored first, once each
     assert len(seen) == n_pop + trials
-    assert len(list((cluster / "scores").glob("*.json"))) == n_pop
-    assert len(list((cluster / "deltas").iterdir())) == len(METHODS)
+    assert len(list((storage / "scores").glob("*.json"))) == n_pop
+    assert len(list((storage / "deltas").iterdir())) == len(METHODS)
+    assert not any((cluster / d).exists() for d in ("scales", "deltas", "scores"))  # nothing in the local cache
 
     again = tune.sweep(cfg, storage, name="second", echo=lambda *_: None)
     assert again.computed == {"calibrations": 0, "merges": 0, "trials": trials}
     now = evaluated()
     assert all(now.count(m) == 1 for m in population(toy_world))  # base and experts: evaluated once, ever
     assert len(now) == len(seen) + trials  # the second sweep only scored its own trials
-    assert all(str(storage / "second" / "models") in m for m in now[len(seen):])
-    assert len(list((cluster / "scores").glob("*.json"))) == n_pop
+    assert sorted(now[len(seen):]) == sorted(str(storage / "second" / "trials" / t) for t in again.table["trial_id"])
+    assert len(list((storage / "scores").glob("*.json"))) == n_pop
     # same trials, same models, same scores (the hf backend is deterministic on CPU)
     key = ["variant", "omega"]
     cols = [c for c in result.table.columns if c.startswith("score/") or c in ("hv_gain", *key)]
@@ -204,7 +205,7 @@ def test_cached_trial_scores_serve_a_rerun_without_evaluating(first, toy_world):
 
 def test_resume_reruns_only_the_trials_that_did_not_finish(first, toy_world):
     cfg, storage, _, _ = first
-    ties_delta = cached_delta_path(cfg, next(v for v in tune.plan_variants(cfg) if v.method == "ties"))
+    ties_delta = cached_delta_path(cfg, next(v for v in tune.plan_variants(cfg) if v.method == "ties"), storage)
     assert (ties_delta / "model.safetensors").is_file()
 
     def crashing_scorer(c):
@@ -226,13 +227,14 @@ def test_resume_reruns_only_the_trials_that_did_not_finish(first, toy_world):
     resumed = tune.sweep(cfg, storage, name="interrupted", resume=True, keep_models=True, echo=lambda *_: None)
     assert resumed.computed == {"calibrations": 0, "merges": 1, "trials": len(METHODS) * len(OMEGAS)}
     rerun = evaluated()[before + len(OMEGAS):]
-    assert len(rerun) == len(OMEGAS) and all(Path(m).name.startswith("ties-omega") for m in rerun)
     table = resumed.table.set_index("trial_id")
+    ties = table.index[table["method"] == "ties"]
+    assert sorted(Path(m).name for m in rerun) == sorted(ties)  # the rerun trials, in their own trials' dirs
     assert sorted(table["method"]) == sorted(m for m in METHODS for _ in OMEGAS)
     assert done.index.isin(table.index).all()  # the finished trials are the same Tune trials ...
     pd.testing.assert_frame_equal(table.loc[done.index], done)  # ... with their first results (not redone)
-    models = sorted(p.name for p in (storage / "interrupted" / "models").iterdir())
-    assert models == sorted(f"{v.key}-omega{w:.3f}" for v in tune.plan_variants(cfg) for w in OMEGAS)
+    models = sorted(p.name for p in (storage / "interrupted" / "trials").iterdir())
+    assert models == sorted(table.index)  # kept: one directory per trial, named by its trial id
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -273,6 +275,24 @@ def test_bad_input_fails_before_anything_is_written(first, toy_world, tmp_path):
     with pytest.raises(ConfigError, match=r"--export-best .*: already exists; pass --overwrite"):
         tune.run_sweep(cfg, storage, name="new", export_best=storage / "best")
     assert tree(storage / "first") == existing and not (storage / "new").exists()
+
+
+def test_storage_on_one_node_defaults_to_local_paths(cluster, toy_world, tmp_path, monkeypatch):
+    """One node: without a storage dir, Tune's experiments go to runs/tune and the artifacts to the local cache;
+    a storage dir given needs no visibility check. Neither writes anything yet."""
+    monkeypatch.chdir(tmp_path)
+    where = tune.SweepStorage.resolve(None)
+    assert where == tune.SweepStorage(Path.cwd() / "runs" / "tune", tune.cache_dir(), shared=False)
+    given = tune.SweepStorage.resolve("~/sweeps")
+    assert given == tune.SweepStorage(Path.home() / "sweeps", Path.home() / "sweeps", shared=True)
+    where.check_visible()
+    tune.SweepStorage.resolve(tmp_path / "shared").check_visible()
+    assert not list(tmp_path.iterdir())
+    # `storage:` in a sweep config is relative to the config's directory; --storage overrides it
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**config(toy_world).model_dump(mode="json"), "storage": "out"}))
+    assert load_tune_config(path).storage == str(tmp_path / "conf" / "out")
 
 
 def test_cli_help():
