@@ -16,7 +16,7 @@ On synthetic Llama-shaped bf16 models big enough that the merge dominates (hidde
 4 layers, vocabulary 8000: ~21M parameters, ~42 MB per model; base + 3 experts, TIES density 0.5), with no
 evaluation; and on the tiny world (the demo's models), where it also times the evaluation of one trial model
 (lm-eval, hf backend, the toy suite, in process: what the sweep's evaluation actor does per trial).
-Target: one more omega costs at most 15% of a one-pass merge + AIM on the synthetic models.
+(Informational: the per-trial target is now (b) below, relax + write <= 5% of the trial's evaluation.)
 
 `--eval-actors`: a whole Tune sweep on the real world (1 method x 4 omegas, trial scores not cached, so every
 trial is evaluated) with a pool of 1 and then 2 evaluation actors (1 CPU, so one torch thread, each) on a local
