@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -51,25 +51,14 @@ class CalibrationConfig(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N (`calibration.resolve_compute`)
     dtype: str = "auto"  # compute dtype: auto | float32 | bfloat16 | float16; the scales accumulate in float32
 
-    @field_validator("device")
+    @field_validator("device", "dtype")
     @classmethod
-    def _device(cls, v: str) -> str:
-        from .calibration import check_device
+    def _compute(cls, v: str, info: ValidationInfo) -> str:
+        from .calibration import check_device, check_dtype
         from .errors import CalibrationError
 
         try:
-            return check_device(v)
-        except CalibrationError as e:
-            raise ValueError(str(e)) from None
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        from .calibration import check_dtype
-        from .errors import CalibrationError
-
-        try:
-            return check_dtype(v)
+            return check_device(v) if info.field_name == "device" else check_dtype(v)
         except CalibrationError as e:
             raise ValueError(str(e)) from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from checks import assert_same_checkpoint
 
 from aim_ray.calibration import collect_activation_scales, collect_sensitivity_scales
 from aim_ray.checkpoint import shard_filename
@@ -88,15 +89,6 @@ def reference(job, tmp_path_factory) -> Path:
     return run_merge(job, tmp_path_factory.mktemp("ref") / "out", progress=False)
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    """Byte-identical files; the merge reports differ only in timings and service details."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "merge_report.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (a, b))
-    assert ra["shards"] == rb["shards"]
 
 
 class SlowRelax:

@@ -6,7 +6,6 @@ result is checked against the local one. Each test starts with an empty HF cache
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
+from checks import assert_same_checkpoint
 from huggingface_hub import constants
 
 from aim_ray.actors import MergeOptions
@@ -93,14 +93,6 @@ def _all_weight_files(hub: FakeHub) -> list[str]:
     return sorted(f for repo in REPOS for f in _weight_files(hub, repo))
 
 
-def _same_checkpoint(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "merge_report.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (a, b))
-    assert ra["shards"] == rb["shards"]
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -184,7 +176,7 @@ def test_merge_through_hub_ids_equals_local_merge(hub, family, tmp_path):
         out = run_merge(prepare(_config(list(REPOS)), seed=3, shard_size=SHARD), tmp_path / "hub", progress=False)
     finally:
         set_merge_threads(1)
-    _same_checkpoint(reference, out)
+    assert_same_checkpoint(reference, out)
     assert hub.downloads() == _all_weight_files(hub)  # every weight file exactly once
 
 
@@ -204,7 +196,7 @@ def test_two_ray_workers_download_each_file_once(hub, family, tmp_path, monkeypa
                                                                       ready_timeout_s=120), progress=False)
     finally:
         ray.shutdown()
-    _same_checkpoint(reference, out)
+    assert_same_checkpoint(reference, out)
     assert hub.downloads() == _all_weight_files(hub)
     prepares = [h for h in hub.log if h.path.startswith("/api/models/aim-test/base")]
     assert len(prepares) == 2  # each worker validated the job again, from headers
@@ -253,7 +245,7 @@ def test_offline_and_unreachable_hub_use_the_warm_cache(hub, family, tmp_path, m
         job = prepare(_config(list(REPOS)), seed=3, shard_size=SHARD)
         assert job.base.commit == hub.main["aim-test/base"]
         assert [c.content_hash() for c in [job.base, *job.experts]] == hashes  # from the cache's blob names
-        _same_checkpoint(online, run_merge(job, tmp_path / name, progress=False))
+        assert_same_checkpoint(online, run_merge(job, tmp_path / name, progress=False))
         assert hub.log == []
 
 

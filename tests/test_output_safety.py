@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checks import assert_same_checkpoint
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -77,14 +78,6 @@ def work_of(out: Path) -> Path:
     return out.parent / f".{out.name}.aim-ray-partial"
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name != "merge_report.json":
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    ra, rb = (json.loads((d / "merge_report.json").read_text()) for d in (a, b))
-    assert ra["shards"] == rb["shards"]
 
 
 class DriverCrash(Exception):
