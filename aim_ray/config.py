@@ -8,7 +8,7 @@
     parameters: {normalize: true}
     dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
     out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
-    tokenizer_source: base    # base | union | <model path>; needed when vocabularies differ
+    tokenizer_source: base    # or tokenizer: {source, tokens, pad_to_multiple_of}; chat_template: auto|NAME|JINJA
     aim:
       omega: 0.4
       scales: scales.safetensors          # or:
