@@ -51,8 +51,16 @@ class VocabPlan:
         return (stored_rows == self.rows == self.n_tokens and not self.forced
                 and torch.equal(p, torch.arange(self.n_tokens)))
 
-    def permute(self, model: int, read: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """Model's vocabulary tensor in the output vocabulary, float32. `read(m)` gives model m's stored tensor."""
+    def permute(self, model: int, read_stored: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Model's vocabulary tensor in the output vocabulary, float32. `read_stored(m)`: model m's stored tensor
+        (each model read once here, however many default rows come from it)."""
+        cache: dict[int, torch.Tensor] = {}
+
+        def read(m: int) -> torch.Tensor:
+            if m not in cache:
+                cache[m] = read_stored(m)
+            return cache[m]
+
         src = read(model)
         out = torch.zeros((self.rows, *src.shape[1:]), dtype=torch.float32)
         p = self.perms[model].clone()
@@ -147,6 +155,14 @@ def union_tokenizer(base_tok, toks: Sequence[tuple[Any, int]]):
 # ------------------------------------------------------------------------------------------------- plan
 
 
+def _expert_tokenizer(path: Path, ref: str, base_tok):
+    """MergeKit: a model whose tokenizer does not load is assumed to share the base's."""
+    try:
+        return load_tokenizer(path, ref)
+    except ConfigError:
+        return base_tok
+
+
 def vocab_size_of(ckpt) -> int:
     size = ckpt.config.get("vocab_size")
     if isinstance(size, int):
@@ -161,7 +177,7 @@ def build_plan(section: TokenizerConfig, refs: Sequence[str], ckpts: Sequence[An
     """refs/ckpts: the unique input models, base (or MergeKit's stand-in) first."""
     sizes = [vocab_size_of(c) for c in ckpts]
     base_tok = strip_tokenizer(load_tokenizer(ckpts[0].path, "base_model"), sizes[0], "base_model")
-    toks = [base_tok] + [load_tokenizer(c.path, r) for r, c in zip(refs[1:], ckpts[1:])]
+    toks = [base_tok] + [_expert_tokenizer(c.path, r, base_tok) for r, c in zip(refs[1:], ckpts[1:])]
     source = section.source
     if source == "base":
         out = _copy_tokenizer(base_tok)

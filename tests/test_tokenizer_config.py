@@ -128,6 +128,7 @@ TOKEN_CASES = {
     "base": {"tokenizer_source": "base"},
     "union": {"tokenizer_source": "union"},
     "model": {"tokenizer": {"source": "b"}},
+    "union_ties": {"tokenizer_source": "union", "merge_method": "ties", "parameters": {"density": 0.5}},
     "tokens_force_pad": {"tokenizer": {
         "source": "union", "pad_to_multiple_of": 64,
         "tokens": {"<tool>": {"source": "a"},
@@ -151,7 +152,8 @@ def test_tokenizer_section_equals_mergekit(family, tmp_path, case):
     vocab = AutoTokenizer.from_pretrained(str(ours)).get_vocab()
     rows = _state(ours)["model.embed_tokens.weight"].shape[0]
     assert json.loads((ours / "config.json").read_text())["vocab_size"] == rows
-    expected = {"base": N_TOKENS, "union": N_TOKENS + 4, "model": N_TOKENS + 3, "tokens_force_pad": 320}[case]
+    expected = {"base": N_TOKENS, "union": N_TOKENS + 4, "union_ties": N_TOKENS + 4, "model": N_TOKENS + 3,
+                "tokens_force_pad": 320}[case]
     assert rows == expected and len(vocab) == (expected if case != "tokens_force_pad" else N_TOKENS + 5)
 
 
@@ -244,3 +246,25 @@ def test_bad_input_is_refused_before_writing(family, tmp_path, top, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) <= 3, result.output
     assert not out.exists()
+
+
+def test_ray_workers_write_the_same_bytes(family, tmp_path):
+    """Workers prepare the job themselves (tokenizers included): same shards as one process."""
+    import ray
+
+    from aim_ray.config import MergeConfig, parse_config
+    from aim_ray.driver import ClusterOptions
+    from aim_ray.service import merge_from_config
+
+    cfg = _config(family, chat_template="chatml", **_fill(TOKEN_CASES["tokens_force_pad"], family))
+    one = _ours(cfg, tmp_path)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        two = merge_from_config(parse_config(MergeConfig, cfg, "cfg"), tmp_path / "two", progress=False,
+                                cluster=ClusterOptions(workers=2, cpus_per_worker=0.5, ready_timeout_s=120))
+    finally:
+        ray.shutdown()
+    for f in sorted(one.glob("*.safetensors")):
+        assert (two / f.name).read_bytes() == f.read_bytes(), f.name
+    for name in ("tokenizer.json", "chat_template.jinja", "config.json"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
