@@ -69,8 +69,8 @@ def family(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _config(fam: dict[str, Path], experts: str = "ab", **top) -> dict:
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "dtype": "float32",
+def _config(fam: dict[str, Path], experts: str = "ab", base: str = "base", **top) -> dict:
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(fam[base]), "dtype": "float32",
            "models": [{"model": str(fam[experts[0]]), "parameters": {"weight": 0.7}},
                       {"model": str(fam[experts[1]]), "parameters": {"weight": 0.5}}]}
     cfg.update(top)
@@ -142,6 +142,19 @@ def _fill(value, fam):
     if isinstance(value, dict):
         return {k: _fill(v, fam) for k, v in value.items()}
     return str(fam[value]) if isinstance(value, str) and value in ("a", "b") else value
+
+
+def test_union_prefers_the_base_row(family, tmp_path):
+    """Base a: <tool> is in a and b, not c: every model lacking it takes the base's row (not the mean)."""
+    cfg = _config(family, "bc", base="a", tokenizer_source="union")
+    ours = _ours(cfg, tmp_path)
+    _compare(ours, _mergekit(cfg, tmp_path))
+    vocab = AutoTokenizer.from_pretrained(str(ours)).get_vocab()
+    a, b = (load_file(family[k] / "model.safetensors")["lm_head.weight"] for k in "ab")
+    ta, tb = (AutoTokenizer.from_pretrained(str(family[k])).get_vocab() for k in "ab")
+    row = a[ta["<tool>"]]
+    torch.testing.assert_close(_state(ours)["lm_head.weight"][vocab["<tool>"]],
+                               row + 0.7 * (b[tb["<tool>"]] - row), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(TOKEN_CASES))
@@ -228,6 +241,9 @@ BAD = [
      "tokenizer.tokens['<x>'].source.token: '<nope>' is not in the tokenizer of"),
     ({"tokenizer": {"source": "union", "tokens": {"<think>": {"source": "b"}}}},
      "tokenizer.tokens['<think>'].source: '<think>' is not in the tokenizer of"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": {"kind": "model_token", "model": "a",
+                                                                    "token_id": 262}}}}},
+     "tokenizer.tokens['<x>'].source: token id 262 is outside"),
     ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "/no/such/model"}}}},
      "is not one of the merged models"),
     ({"chat_template": "{% for m in messages %}{{ m['content'] }"}, "chat_template: the Jinja template does not parse"),
