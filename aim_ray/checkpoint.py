@@ -529,15 +529,15 @@ def write_index(out_dir: Path, shards: Sequence[Sequence[OutputTensor]], metadat
     (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_aux_files(config_src: Path, tokenizer_src: Path, out_dir: Path,
+def copy_aux_files(config_src: Path, tokenizer_src: Path | None, out_dir: Path,
                    config_updates: dict[str, Any] | None = None) -> list[str]:
-    """Copy config/generation config from the base and tokenizer files from tokenizer_src."""
+    """Copy config/generation config from the base and tokenizer files from tokenizer_src (None: none)."""
     copied = []
     for name in CONFIG_FILES:
         if (config_src / name).exists():
             shutil.copy2(config_src / name, out_dir / name)
             copied.append(name)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if tokenizer_src is not None else ():
         if (tokenizer_src / name).exists():
             shutil.copy2(tokenizer_src / name, out_dir / name)
             copied.append(name)

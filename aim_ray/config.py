@@ -8,7 +8,7 @@
     parameters: {normalize: true}
     dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
     out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
-    tokenizer_source: base    # base | union | <model path>; needed when vocabularies differ
+    tokenizer_source: base    # or tokenizer: {source, tokens, pad_to_multiple_of}; chat_template: auto|NAME|JINJA
     aim:
       omega: 0.4
       scales: scales.safetensors          # or:
@@ -80,8 +80,37 @@ class AimConfig(_Strict):
         return self.calibration or CalibrationConfig()
 
 
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    """The row of `token` (or `token_id`) in `model`'s own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class TokenEmbeddingConfig(_Strict):
+    """MergeKit's `tokenizer.tokens.<token>`: where its embedding row comes from; `force` uses that source for
+    every model even where the model has the token."""
+
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
+    force: bool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str
+    source: str = "union"  # base | union | <one of the merged models>
+    tokens: dict[str, TokenEmbeddingConfig] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
 class MergeConfig(_Strict):
@@ -92,7 +121,8 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    tokenizer: TokenizerConfig | None = None  # MergeKit's newer form: tokenizer: {source: ...}
+    tokenizer: TokenizerConfig | None = None  # MergeKit's newer form: tokenizer: {source, tokens, pad_to_multiple_of}
+    chat_template: str | None = None  # auto | a built-in name (chat_template.BUILTIN) | a Jinja template
     aim: AimConfig | None = None
     name: str | None = None  # free-form label (MergeKit ignores unknown top-level keys; we do not)
 
@@ -103,11 +133,24 @@ class MergeConfig(_Strict):
             return [{"model": m} if isinstance(m, str) else m for m in v]
         return v
 
+    @model_validator(mode="after")
+    def _one_tokenizer_form(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either tokenizer_source or tokenizer, not both")
+        return self
+
     @property
     def tokenizer_policy(self) -> str | None:
         if self.tokenizer is not None:
             return self.tokenizer.source
         return self.tokenizer_source
+
+    @property
+    def tokenizer_section(self) -> TokenizerConfig | None:
+        """`tokenizer:`, or the legacy `tokenizer_source: X` as `tokenizer: {source: X}`."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerConfig(source=self.tokenizer_source) if self.tokenizer_source is not None else None
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -154,13 +197,29 @@ def _resolve(ref: str | None, root: Path) -> str | None:
 def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     models = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
     update: dict[str, Any] = {"models": models, "base_model": _resolve(config.base_model, root)}
-    policy = config.tokenizer_policy
-    if policy not in (None, "base", "union"):
-        update["tokenizer_source"] = _resolve(policy, root)
-        update["tokenizer"] = None
+    if config.tokenizer is not None:
+        update["tokenizer"] = _resolve_tokenizer(config.tokenizer, root)
+    elif config.tokenizer_source not in (None, "base", "union"):
+        update["tokenizer_source"] = _resolve(config.tokenizer_source, root)
     if config.aim is not None and config.aim.scales is not None:
         update["aim"] = config.aim.model_copy(update={"scales": _resolve(config.aim.scales, root)})
     return config.model_copy(update=update)
+
+
+def _resolve_tokenizer(tok: TokenizerConfig, root: Path) -> TokenizerConfig:
+    def source(src: Any) -> Any:
+        if isinstance(src, str):
+            return _resolve(src, root)
+        if isinstance(src, ModelTokenEmbedding):
+            return src.model_copy(update={"model": _resolve(src.model, root)})
+        return src
+
+    update: dict[str, Any] = {}
+    if tok.source not in ("base", "union"):
+        update["source"] = _resolve(tok.source, root)
+    if tok.tokens:
+        update["tokens"] = {t: e.model_copy(update={"source": source(e.source)}) for t, e in tok.tokens.items()}
+    return tok.model_copy(update=update)
 
 
 class EvalConfig(_Strict):

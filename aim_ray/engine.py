@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .chat_template import resolve_template
 from .checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
@@ -43,6 +44,7 @@ from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
 from .resume import PROGRESS, Progress
+from .vocab import VocabPlan, build_plan
 
 # Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -66,6 +68,8 @@ class MergeJob:
     outputs: list[OutputTensor]
     vocab_rows: int | None
     tokenizer_src: Path
+    vocab: VocabPlan | None = None  # MergeKit's tokenizer section: output vocabulary and row sources
+    chat_template: str | None = None  # resolved and parsed; written with the tokenizer
     seed: int = 0
     check_finite: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -108,14 +112,17 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     refs = [e.model for e in entries]
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref)
-    vocab_rows, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    vocab, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    vocab_rows = vocab.rows if vocab is not None else None
+    inputs = _unique([base, *experts], [base_ref, *refs])[1]
+    template = resolve_template(config.chat_template, [c.path for c in inputs])
     out_dtype = output_dtype(config, base)
     names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
     _check_tensor_sets(base, experts, refs, names, vocab_rows)
     n_layers = int(base.config.get("num_hidden_layers", 0))
     outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, n_layers)]
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src,
-                    seed, check_finite, shard_size)
+                    vocab, template, seed, check_finite, shard_size)
 
 
 def _split_base(config: MergeConfig, method: MergeMethod):
@@ -174,13 +181,19 @@ def _is_vocab_tensor(name: str) -> bool:
     return name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
+def _unique(ckpts: Sequence[Checkpoint], refs: Sequence[str]) -> tuple[list[str], list[Checkpoint]]:
+    seen: dict[str, Checkpoint] = {}
+    for ref, ckpt in zip(refs, ckpts):
+        seen.setdefault(ref, ckpt)
+    return list(seen), list(seen.values())
+
+
 def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
-                base_ref: str) -> tuple[int | None, Path]:
-    """Target vocabulary rows (None: all equal) and where the tokenizer comes from."""
-    policy = config.tokenizer_policy
-    rows = {ref: _vocab_rows(c) for ref, c in zip([base_ref, *refs], [base, *experts])}
-    by_ref = dict(zip([base_ref, *refs], [base, *experts]))
-    if policy is None:
+                base_ref: str) -> tuple[VocabPlan | None, Path]:
+    """The vocabulary plan (None: no tokenizer section, vocabularies must be equal) and the tokenizer's folder."""
+    section = config.tokenizer_section
+    if section is None:
+        rows = {ref: stored_vocab_rows(c) for ref, c in zip([base_ref, *refs], [base, *experts])}
         if len(set(rows.values())) > 1:
             odd = next(r for r in refs if rows[r] != rows[base_ref])
             raise CheckpointError(
@@ -188,17 +201,13 @@ def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpo
                 f"set tokenizer_source: base (keep the base vocabulary, drop extra rows) or union (extend; new "
                 f"rows come from the experts that have them)")
         return None, base.path
-    if policy == "base":
-        return rows[base_ref], base.path
-    if policy == "union":
-        widest = max(by_ref, key=lambda r: rows[r])
-        return rows[widest], by_ref[widest].path
-    if policy not in by_ref:
-        raise ConfigError(f"tokenizer_source {policy!r}: must be 'base', 'union' or one of the merged models")
-    return rows[policy], by_ref[policy].path
+    names, ckpts = _unique([base, *experts], [base_ref, *refs])
+    plan = build_plan(section, names, ckpts, base_is_set=config.base_model is not None)
+    src = ckpts[names.index(section.source)].path if section.source in names else base.path
+    return plan, src
 
 
-def _vocab_rows(ckpt: Checkpoint) -> int | None:
+def stored_vocab_rows(ckpt: Checkpoint) -> int | None:
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in ckpt.tensors:
             return ckpt.tensors[name].shape[0]
@@ -259,7 +268,7 @@ class CheckpointInputs:
         self._checked: set[int] = set()
 
     def _read(self, index: int) -> torch.Tensor:
-        """index -1 is the base, i >= 0 expert i. Float32, a fresh tensor."""
+        """index -1 is the base, i >= 0 expert i. Float32, a fresh tensor, in the output vocabulary."""
         ckpt = self.job.base if index < 0 else self.job.experts[index]
         t = ckpt.read(self.name).to(torch.float32, copy=True)  # safetensors may hand out one shared tensor
         if self.job.check_finite and index not in self._checked:
@@ -270,27 +279,32 @@ class CheckpointInputs:
                 raise CheckpointError(f"{ref}: tensor {self.name!r} contains NaN or Inf; pass "
                                       f"--allow-nonfinite to merge anyway")
             self._checked.add(index)
-        return t
+        if self._aligned(index):
+            return t
+        plan = self.job.vocab
+        return plan.permute(self._plan_model(index), lambda m: t if m == self._plan_model(index) else
+                            self._stored_of(m))
+
+    def _plan_model(self, index: int) -> int:
+        return 0 if index < 0 else self.job.vocab.refs.index(self.job.expert_refs[index])
+
+    def _stored_of(self, model: int) -> torch.Tensor:
+        """The stored tensor of the plan's model `model` (its rows for default embeddings)."""
+        if model == 0:
+            return self.job.base.read(self.name)
+        return self.job.experts[self.job.expert_refs.index(self.job.vocab.refs[model])].read(self.name)
 
     def base(self) -> torch.Tensor:
         if self._base is None:
-            self._base = self._aligned_base()
+            self._base = self._read(-1)
         return self._base.clone()
 
     def expert(self, i: int) -> torch.Tensor:
-        t = self._read(i)
-        rows = self.job.vocab_rows
-        if self._aligned(t.shape[0]):
-            return t
-        if t.shape[0] > rows:
-            return t[:rows].clone()
-        if self._base is None:
-            self._base = self._aligned_base()
-        return torch.cat([t, self._base[t.shape[0]:]])  # rows this expert lacks: no task vector there
+        return self._read(i)
 
     def task_vector(self, i: int) -> torch.Tensor:
         if self._base is None:
-            self._base = self._aligned_base()
+            self._base = self._read(-1)
         return self.expert(i).sub_(self._base)
 
     def mask_key(self, i: int) -> int:
@@ -299,38 +313,20 @@ class CheckpointInputs:
     def stored(self, i: int) -> torch.Tensor | None:
         """Tensor i (-1: the base) as stored, memory-mapped; None where vocabulary rows must be aligned."""
         ckpt = self.job.base if i < 0 else self.job.experts[i]
-        return ckpt.read(self.name) if self._aligned(ckpt.tensors[self.name].shape[0]) else None
+        return ckpt.read(self.name) if self._aligned(i) else None
 
     def verify_finite(self) -> None:
         if self.job.check_finite:
             for index in range(-1, self.n_experts):
                 self._read(index)
 
-    def _aligned_base(self) -> torch.Tensor:
-        t = self._read(-1)
-        rows = self.job.vocab_rows
-        if self._aligned(t.shape[0]):
-            return t
-        if t.shape[0] > rows:
-            return t[:rows].clone()
-        return torch.cat([t, self._union_rows(t.shape[0], rows)])
-
-    def _aligned(self, rows: int) -> bool:
-        """Whether a tensor with `rows` leading rows needs no vocabulary alignment to the output."""
-        return self.job.vocab_rows is None or not _is_vocab_tensor(self.name) or rows == self.job.vocab_rows
-
-    def _union_rows(self, start: int, rows: int) -> torch.Tensor:
-        """Rows the base lacks: the mean of the experts that have each row."""
-        tail = self.job.base.tensors[self.name].shape[1:]
-        total = torch.zeros((rows - start, *tail), dtype=torch.float32)
-        count = torch.zeros(rows - start, dtype=torch.float32)
-        for i in range(self.n_experts):
-            t = self._read(i)
-            have = min(t.shape[0], rows) - start
-            if have > 0:
-                total[:have] += t[start:start + have]
-                count[:have] += 1
-        return total / count.clamp(min=1).view(-1, *[1] * (total.dim() - 1))
+    def _aligned(self, index: int) -> bool:
+        """Whether tensor `index` as stored is already in the output vocabulary."""
+        plan = self.job.vocab
+        if plan is None or not _is_vocab_tensor(self.name):
+            return True
+        ckpt = self.job.base if index < 0 else self.job.experts[index]
+        return plan.identity(self._plan_model(index), ckpt.tensors[self.name].shape[0])
 
 
 def compute_delta(job: MergeJob, inputs: CheckpointInputs) -> torch.Tensor:
@@ -520,7 +516,10 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
     updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
     if job.vocab_rows is not None:
         updates["vocab_size"] = job.vocab_rows
-    copy_aux_files(job.base.path, job.tokenizer_src, work_dir, updates)
+    rebuilt = job.vocab is not None or job.chat_template is not None
+    copy_aux_files(job.base.path, None if rebuilt else job.tokenizer_src, work_dir, updates)
+    if rebuilt:
+        write_tokenizer(job, work_dir)
     report = {
         "config": job.config.model_dump(mode="json"),
         "seed": job.seed,
@@ -530,6 +529,17 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
         **report,
     }
     (work_dir / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_tokenizer(job: MergeJob, work_dir: Path) -> None:
+    """The output tokenizer (MergeKit's: built from the tokenizer section, else the base's reserialized) with
+    the chat template, saved by transformers so that it reads it back (`chat_template.jinja`)."""
+    from .vocab import load_tokenizer
+
+    tok = job.vocab.tokenizer if job.vocab is not None else load_tokenizer(job.tokenizer_src, "base_model")
+    if job.chat_template is not None:
+        tok.chat_template = job.chat_template
+    tok.save_pretrained(str(work_dir))
 
 
 def run_merge(job: MergeJob, out: str | os.PathLike | OutputDir, *, overwrite: bool = False, resume: bool = False,
