@@ -48,7 +48,6 @@ from .vocab import VocabPlan, build_plan
 
 # Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-VOCAB_POLICIES = ("base", "union")
 
 # A relaxation hook: (tensor name, theta_pre float32, delta float32) -> relaxed weight float32.
 RelaxFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
