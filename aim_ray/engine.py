@@ -213,7 +213,7 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     else:
         base_ref, refs = _slice_inputs(config, method)
     base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
-    experts = [_open(r, r, allow_pickle, pins.get(r)) for r in refs]
+    experts = [_open(r, _option_of(config, r, i), allow_pickle, pins.get(r)) for i, r in enumerate(refs)]
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref, layers=config.slices is None)
     n_base = int(base.config.get("num_hidden_layers", 0) or 0)
@@ -244,6 +244,15 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     params = next(iter(plans.values())).params
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src, seed,
                     check_finite, shard_size, plan=plans, out_layers=None if identity else out_layers)
+
+
+def _option_of(config: MergeConfig, ref: str, index: int) -> str:
+    """Where the config names input `ref` (for errors)."""
+    for i, sl in enumerate(config.slices or []):
+        for j, src in enumerate(sl.sources):
+            if src.model == ref:
+                return f"slices[{i}].sources[{j}]"
+    return f"models[{index}]"
 
 
 def _slice_inputs(config: MergeConfig, method: MergeMethod) -> tuple[str, list[str]]:

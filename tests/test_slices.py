@@ -121,7 +121,8 @@ def test_filtered_weights(family, tmp_path, method):
 
 def test_slice_precedence(family, tmp_path):
     """Source parameters over slice parameters over global ones (a source's filter list that matches nothing
-    falls through); the second slice shifts the layers (output layer 2 is input layer 1)."""
+    falls through); the second slice shifts the layers (output layer 2 is input layer 1), and a per-model filter
+    is matched against that model's input tensor name, as in MergeKit."""
     base, (e0, e1) = family
     data = {"merge_method": "ties", "base_model": base,
             "parameters": {"weight": 0.1, "density": [0.3, 0.8], "lambda": 0.9},
@@ -133,7 +134,8 @@ def test_slice_precedence(family, tmp_path):
                  "parameters": {"weight": 0.6}},
                 {"sources": [{"model": base, "layer_range": [1, 3]},
                              {"model": e0, "layer_range": [1, 3], "parameters": {"weight": [0.2, 0.9]}},
-                             {"model": e1, "layer_range": [1, 3]}],
+                             {"model": e1, "layer_range": [1, 3],  # matched on its input names
+                              "parameters": {"weight": [{"filter": "layers.1.", "value": 1.3}]}}],
                  "parameters": {"density": 0.7, "lambda": 1.2}}]}
     check_against_mergekit("slice_precedence", data, tmp_path)
 
@@ -211,3 +213,22 @@ def test_malformed_setting_and_models_with_slices(family):
     with pytest.raises(ConfigError, match="give exactly one of models or slices"):
         parse_config(MergeConfig, {"merge_method": "linear", "models": [e0],
                                    "slices": [{"sources": [{"model": e0, "layer_range": [0, 1]}]}]}, "t")
+
+
+def test_missing_source_is_named(family, tmp_path):
+    _, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": e0, "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tmp_path / "nowhere"), "layer_range": [0, 2]}]}]}, tmp_path)
+    assert msg.endswith("error: slices[1].sources[0]: " + str(tmp_path / "nowhere") + ": no such checkpoint directory")
+
+
+def test_relative_source_paths_resolve_against_the_yaml(family, tmp_path):
+    from aim_ray.config import load_merge_config
+
+    _, (e0, _) = family
+    (tmp_path / "m").symlink_to(e0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "m", "layer_range": [0, 2]}]}]}))
+    assert load_merge_config(cfg).slices[0].sources[0].model == str(Path(e0).resolve())
