@@ -130,6 +130,10 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     if config.aim is not None and method.direct:
         raise ConfigError(f"aim: merge_method {method.name} copies tensors (no delta from a base to relax); "
                           f"remove aim:")
+    if method.direct and config.models is not None and config.base_model is not None and \
+            all(e.model != config.base_model for e in config.models):
+        raise ConfigError(f"base_model: merge_method {method.name} takes one model, and MergeKit adds a base_model "
+                          f"missing from models as one more; list only the model (no base_model)")
     if config.slices is not None or _has_settings(config):
         return _prepare_planned(config, method, seed=seed, allow_pickle=allow_pickle, check_finite=check_finite,
                                 shard_size=shard_size, revisions=revisions)

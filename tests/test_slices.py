@@ -232,3 +232,12 @@ def test_relative_source_paths_resolve_against_the_yaml(family, tmp_path):
     cfg.write_text(json.dumps({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "m", "layer_range": [0, 2]}]}]}))
     assert load_merge_config(cfg).slices[0].sources[0].model == str(Path(e0).resolve())
+
+
+def test_passthrough_with_another_base_model_is_refused_as_mergekit(family, tmp_path):
+    """MergeKit adds a base_model missing from `models` as one more input: two inputs for passthrough."""
+    base, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}]}, tmp_path)
+    assert "error: base_model: merge_method passthrough takes one model" in msg
+    with pytest.raises(ValueError, match="requires exactly 1 inputs .*; got 2"):
+        mergekit({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}]}, tmp_path / "mk")
