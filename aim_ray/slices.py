@@ -184,6 +184,9 @@ class ParamResolver:
                             own[spec.name] = v
                             break
             per_expert.append(own)
+        # Per-model parameters were looked up above on each model's own input name; the shared mapping (output name)
+        # must not be their fallback.
+        shared = {k: v for k, v in shared.items() if not ((spec := m.param(k)) is not None and spec.per_expert)}
         key = repr((per_expert, sorted(shared.items()), [s.ref for s in sl.experts]))
         if key not in self._memo:
             with warnings.catch_warnings(record=True) as caught:

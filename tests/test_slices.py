@@ -241,3 +241,15 @@ def test_passthrough_with_another_base_model_is_refused_as_mergekit(family, tmp_
     assert "error: base_model: merge_method passthrough takes one model" in msg
     with pytest.raises(ValueError, match="requires exactly 1 inputs .*; got 2"):
         mergekit({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}]}, tmp_path / "mk")
+
+
+def test_per_model_filters_match_input_names_even_from_global_parameters(family, tmp_path):
+    """Output layers 2-3 are input layers 1-2: a global per-model filter on "layers.3." matches no input of that
+    slice (MergeKit: density keeps its default there), while the shared `lambda` filter matches output names."""
+    base, (e0, e1) = family
+    srcs = [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]
+    shifted = [{"model": m, "layer_range": [1, 3]} for m in (base, e0, e1)]
+    data = {"merge_method": "ties", "base_model": base, "slices": [{"sources": srcs}, {"sources": shifted}],
+            "parameters": {"weight": 0.6, "density": [{"filter": "layers.3.", "value": 0.3}],
+                           "lambda": [{"filter": "layers.3.", "value": 0.5}, {"value": 1.0}]}}
+    check_against_mergekit("input_name_filters", data, tmp_path)
