@@ -253,3 +253,9 @@ def test_per_model_filters_match_input_names_even_from_global_parameters(family,
             "parameters": {"weight": 0.6, "density": [{"filter": "layers.3.", "value": 0.3}],
                            "lambda": [{"filter": "layers.3.", "value": 0.5}, {"value": 1.0}]}}
     check_against_mergekit("input_name_filters", data, tmp_path)
+
+
+def test_passthrough_models_with_a_gradient_scale(family, tmp_path):
+    _, (e0, _) = family
+    check_against_mergekit("passthrough_gradient", {"merge_method": "passthrough", "models": [
+        {"model": e0, "parameters": {"scale": [1.0, 0.25]}}]}, tmp_path)
