@@ -4,8 +4,9 @@
     base_model: meta-llama/Llama-2-13b-hf
     models:
       - model: WizardLMTeam/WizardLM-13B-V1.2
-        parameters: {weight: 1.0, density: 0.5}
-    parameters: {normalize: true}
+        parameters: {weight: 1.0, density: 0.5}     # a value may be a gradient [0.3, 0.7] or filtered
+    parameters: {normalize: true}                     # [{filter: mlp, value: 0.5}, {value: 0.3}]
+    # or, instead of models: slices: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]
     dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
     out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
     tokenizer_source: base    # or tokenizer: {source, tokens, pad_to_multiple_of}; chat_template: auto|NAME|JINJA
@@ -38,6 +39,21 @@ class _Strict(BaseModel):
 
 class ModelEntry(_Strict):
     model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSlice(_Strict):
+    """One source of an output slice: layers [a, b) of `model` (MergeKit's InputSliceDefinition)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSlice(_Strict):
+    """Output layers made from one layer range of each source (MergeKit's OutputSliceDefinition)."""
+
+    sources: list[InputSlice] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -116,7 +132,8 @@ class TokenizerConfig(_Strict):
 class MergeConfig(_Strict):
     merge_method: str
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    slices: list[OutputSlice] | None = Field(None, min_length=1)  # instead of models (`aim_ray.slices`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -134,16 +151,12 @@ class MergeConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_tokenizer_form(self) -> MergeConfig:
+    def _one_form_each(self) -> MergeConfig:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either tokenizer_source or tokenizer, not both")
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of models or slices")
         return self
-
-    @property
-    def tokenizer_policy(self) -> str | None:
-        if self.tokenizer is not None:
-            return self.tokenizer.source
-        return self.tokenizer_source
 
     @property
     def tokenizer_section(self) -> TokenizerConfig | None:
@@ -195,8 +208,12 @@ def _resolve(ref: str | None, root: Path) -> str | None:
 
 
 def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
-    models = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
-    update: dict[str, Any] = {"models": models, "base_model": _resolve(config.base_model, root)}
+    update: dict[str, Any] = {"base_model": _resolve(config.base_model, root)}
+    if config.models is not None:
+        update["models"] = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
+    if config.slices is not None:
+        update["slices"] = [s.model_copy(update={"sources": [src.model_copy(update={"model": _resolve(src.model, root)})
+                                                             for src in s.sources]}) for s in config.slices]
     if config.tokenizer is not None:
         update["tokenizer"] = _resolve_tokenizer(config.tokenizer, root)
     elif config.tokenizer_source not in (None, "base", "union"):

@@ -44,6 +44,18 @@ from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
 from .resume import PROGRESS, Progress
+from .slices import (
+    ParamResolver,
+    Slice,
+    Source,
+    TensorInput,
+    TensorPlan,
+    check_setting,
+    filters,
+    is_gradient,
+    is_scalar,
+    plan_tensors,
+)
 from .vocab import VocabPlan, build_plan
 
 # Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
@@ -75,6 +87,20 @@ class MergeJob:
     notes: list[str] = field(default_factory=list)
     # Precomputed float32 deltas (see `write_delta`): a Tune trial relaxes a cached delta instead of merging.
     delta_source: Checkpoint | None = None
+    # Per-output-tensor inputs and parameters (`aim_ray.slices`): set for slices, gradients and filters; None
+    # when every output tensor is the same tensor of the base and the experts, with `params` for all.
+    plan: dict[str, TensorPlan] | None = None
+    out_layers: int | None = None  # output decoder layers when a plan stacks or drops layers
+
+    def input_of(self, name: str, index: int = -1) -> tuple[Checkpoint, str]:
+        """(checkpoint, input tensor name) of input `index` (-1: the base) for output tensor `name`."""
+        if self.plan is None:
+            return (self.base if index < 0 else self.experts[index]), name
+        inp = self.plan[name].base if index < 0 else self.plan[name].experts[index]
+        return (self.base if inp.index < 0 else self.experts[inp.index]), inp.name
+
+    def params_of(self, name: str) -> MethodParams:
+        return self.params if self.plan is None else self.plan[name].params
 
     @property
     def shards(self) -> list[list[OutputTensor]]:
@@ -82,6 +108,8 @@ class MergeJob:
 
     @property
     def n_layers(self) -> int:
+        if self.out_layers is not None:
+            return self.out_layers
         return int(self.base.config.get("num_hidden_layers", 0))
 
     def fingerprint(self) -> str:
@@ -102,6 +130,16 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     """Validate the config against the checkpoints' headers (hub models: remote headers). Reads no tensor
     data. `revisions` pins hub refs to commits (`pinned_revisions` of the driver's job, for the workers)."""
     method = get_method(config.merge_method)
+    if config.aim is not None and method.direct:
+        raise ConfigError(f"aim: merge_method {method.name} copies tensors (no delta from a base to relax); "
+                          f"remove aim:")
+    if method.direct and config.models is not None and config.base_model is not None and \
+            all(e.model != config.base_model for e in config.models):
+        raise ConfigError(f"base_model: merge_method {method.name} takes one model, and MergeKit adds a base_model "
+                          f"missing from models as one more; list only the model (no base_model)")
+    if config.slices is not None or _has_settings(config):
+        return _prepare_planned(config, method, seed=seed, allow_pickle=allow_pickle, check_finite=check_finite,
+                                shard_size=shard_size, revisions=revisions)
     entries, base_ref = _split_base(config, method)
     pins = revisions or {}
     base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
@@ -153,6 +191,182 @@ def _split_base(config: MergeConfig, method: MergeMethod):
     return entries, base_ref
 
 
+def _scopes(config: MergeConfig) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every parameters mapping of the config, with its option path."""
+    scopes: list[tuple[str, Mapping[str, Any]]] = [("parameters", config.parameters)]
+    for i, e in enumerate(config.models or []):
+        scopes.append((f"models[{i}].parameters", e.parameters))
+    for i, sl in enumerate(config.slices or []):
+        scopes.append((f"slices[{i}].parameters", sl.parameters))
+        scopes += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
+    return scopes
+
+
+def _has_settings(config: MergeConfig) -> bool:
+    """Whether any parameter is a gradient or filter list (then parameters are resolved per tensor)."""
+    found = False
+    for where, scope in _scopes(config):
+        for key, setting in scope.items():
+            check_setting(setting, f"{where}.{key}")
+            found = found or not is_scalar(setting)
+    return found
+
+
+def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, allow_pickle: bool,
+                     check_finite: bool, shard_size: int, revisions: Mapping[str, str] | None) -> MergeJob:
+    """`prepare` for slices, gradients and filters: a `TensorPlan` per output tensor."""
+    _has_settings(config)  # checks the settings' form
+    pins = revisions or {}
+    if config.slices is None:
+        entries, base_ref = _split_base(config, method)
+        refs = [e.model for e in entries]
+    else:
+        base_ref, refs = _slice_inputs(config, method)
+    base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
+    experts = [_open(r, _option_of(config, r, i), allow_pickle, pins.get(r)) for i, r in enumerate(refs)]
+    for ref, ckpt in zip(refs, experts):
+        _check_architecture(base, ckpt, base_ref, ref, layers=config.slices is None)
+    n_base = int(base.config.get("num_hidden_layers", 0) or 0)
+    if config.slices is None:
+        base_src = Source(-1, base_ref, 0, {})
+        srcs = tuple(Source(i, e.model, 0, e.parameters) for i, e in enumerate(entries))
+        slices = [Slice(base_src, srcs, n_base, {})]
+    else:
+        slices = _slices(config, method, base_ref, refs, [base, *experts])
+    _check_gradients(config, base_ref, n_base)
+    resolver = ParamResolver(method, config.parameters, has_base=config.base_model is not None)
+    names_of = [[n for n in c.names() if not n.endswith(IGNORED_SUFFIXES)] for c in [base, *experts]]
+    plans, out_layers = plan_tensors(slices, names_of, resolver)
+    resolver.emit_warnings()
+    vocab, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    vocab_rows = vocab.rows if vocab is not None else None
+    template = resolve_template(config.chat_template, [c.path for c in _unique([base, *experts], [base_ref, *refs])[1]])
+    out_dtype = output_dtype(config, base)
+    ckpts = [base, *experts]
+    _check_plan(plans, ckpts, [base_ref, *refs], vocab_rows)
+    _check_filters(config, plans)
+    identity = all(p.base == TensorInput(-1, n) for n, p in plans.items()) and out_layers == n_base
+    if config.aim is not None and not identity:
+        raise ConfigError("aim: the slices make output layers that are not the base model's own; AIM relaxes "
+                          "toward the base's same tensor: remove aim: or give every layer of the base in order")
+    outputs = []
+    for name in ordered_names(list(plans), out_layers):
+        ckpt, in_name = ckpts[plans[name].base.index + 1], plans[name].base.name
+        outputs.append(_output_tensor(ckpt, in_name, out_dtype, vocab_rows, out_name=name))
+    params = next(iter(plans.values())).params
+    return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src, vocab,
+                    template, seed, check_finite, shard_size, plan=plans, out_layers=None if identity else out_layers)
+
+
+def _option_of(config: MergeConfig, ref: str, index: int) -> str:
+    """Where the config names input `ref` (for errors)."""
+    for i, sl in enumerate(config.slices or []):
+        for j, src in enumerate(sl.sources):
+            if src.model == ref:
+                return f"slices[{i}].sources[{j}]"
+    return f"models[{index}]"
+
+
+def _slice_inputs(config: MergeConfig, method: MergeMethod) -> tuple[str, list[str]]:
+    """The base ref and the distinct other inputs of a slices config, in order of first appearance."""
+    assert config.slices is not None
+    if method.needs_base and config.base_model is None:
+        raise ConfigError(f"merge_method {method.name!r} needs base_model")
+    if config.aim is not None and config.base_model is None:
+        raise ConfigError(f"aim: merge_method {method.name!r} without base_model has no base to relax toward; "
+                          f"set base_model or remove aim:")
+    base_ref = config.base_model or config.slices[0].sources[0].model
+    refs: list[str] = []
+    for sl in config.slices:
+        for src in sl.sources:
+            if not (_is_base_source(config, method, src.model) or src.model in refs):
+                refs.append(src.model)
+    return base_ref, refs
+
+
+def _is_base_source(config: MergeConfig, method: MergeMethod, ref: str) -> bool:
+    """Whether a source naming `ref` is the slice's base rather than one of its merged models."""
+    excluded = method.needs_base or method.base_role == "reference"
+    return excluded and config.base_model is not None and ref == config.base_model
+
+
+def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Sequence[str],
+            ckpts: Sequence[Checkpoint]) -> list[Slice]:
+    assert config.slices is not None
+    out = []
+    for i, sl in enumerate(config.slices):
+        where = f"slices[{i}]"
+        lengths = []
+        for j, src in enumerate(sl.sources):
+            a, b = src.layer_range
+            ckpt = ckpts[0] if src.model == base_ref and src.model not in refs else ckpts[refs.index(src.model) + 1]
+            n = int(ckpt.config.get("num_hidden_layers", 0) or 0)
+            if not 0 <= a < b <= n:
+                raise ConfigError(f"{where}.sources[{j}].layer_range [{a}, {b}] is outside {src.model} "
+                                  f"({n} layers): need 0 <= a < b <= {n}")
+            lengths.append(b - a)
+        if len(set(lengths)) > 1:
+            raise ConfigError(f"{where}.sources: layer ranges cover different numbers of layers ({lengths}); "
+                              f"every source of a slice needs the same count")
+
+        def source(src) -> Source:
+            index = -1 if src.model == base_ref and src.model not in refs else refs.index(src.model)
+            return Source(index, src.model, src.layer_range[0], src.parameters)
+
+        bases = [s for s in sl.sources if _is_base_source(config, method, s.model)]
+        if method.needs_base and not bases:
+            raise ConfigError(f"{where}.sources: merge_method {method.name!r} needs the base_model "
+                              f"{config.base_model} among each slice's sources")
+        merged = [source(s) for s in sl.sources if not _is_base_source(config, method, s.model)]
+        listed_base = [s for s in sl.sources if s.model == base_ref]
+        base_src = source(bases[0] if bases else (listed_base or sl.sources)[0])
+        n = len(merged)
+        if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
+            most = "" if method.max_experts is None else f" and at most {method.max_experts}"
+            raise ConfigError(f"{where}.sources: merge_method {method.name!r} takes at least {method.min_experts}"
+                              f"{most} model(s) besides the base, got {n}")
+        out.append(Slice(base_src, tuple(merged), lengths[0], sl.parameters))
+    return out
+
+
+def _check_gradients(config: MergeConfig, base_ref: str, n_layers: int) -> None:
+    if n_layers > 0:
+        return
+    for where, scope in _scopes(config):
+        for key, setting in scope.items():
+            if is_gradient(setting):
+                raise ConfigError(f"{where}.{key}: a gradient (list of values) needs a model with decoder layers; "
+                                  f"{base_ref} has no num_hidden_layers")
+
+
+def _check_filters(config: MergeConfig, plans: Mapping[str, TensorPlan]) -> None:
+    """A filter that matches no tensor (output or input name) is a typo: refused."""
+    names = set(plans)
+    for p in plans.values():
+        names.update(i.name for i in (p.base, *p.experts))
+    for where, scope in _scopes(config):
+        for key, setting in scope.items():
+            for f in filters(setting):
+                if not any(f in n for n in names):
+                    raise ConfigError(f"{where}.{key}: filter {f!r} matches no tensor of the merge")
+
+
+def _check_plan(plans: Mapping[str, TensorPlan], ckpts: Sequence[Checkpoint], refs: Sequence[str],
+                vocab_rows: int | None) -> None:
+    """Every planned input tensor exists with the output's shape (vocabulary rows aside)."""
+    for name, p in plans.items():
+        shape = None
+        for inp in (p.base, *p.experts):
+            ckpt, ref = ckpts[inp.index + 1], refs[inp.index + 1]
+            if inp.name not in ckpt.tensors:
+                raise CheckpointError(f"{ref}: tensor {inp.name!r} is missing (needed for output {name!r})")
+            s = tuple(ckpt.tensors[inp.name].shape)
+            if shape is None:
+                shape = s
+            elif s != shape and not (vocab_rows is not None and _is_vocab_tensor(name) and s[1:] == shape[1:]):
+                raise CheckpointError(f"{ref}: tensor {inp.name!r} has shape {s}, output {name!r} needs {shape}")
+
+
 def _open(ref: str, option: str, allow_pickle: bool, revision: str | None = None) -> Checkpoint:
     try:
         return Checkpoint.open(ref, allow_pickle=allow_pickle, revision=revision)
@@ -166,11 +380,13 @@ def pinned_revisions(job: MergeJob) -> dict[str, str]:
     return {c.source: c.commit for c in [job.base, *job.experts] if c.commit is not None}
 
 
-def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref: str) -> None:
+def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref: str, layers: bool = True) -> None:
     if base.architecture != other.architecture:
         raise CheckpointError(f"{ref}: architecture {other.architecture} differs from the base's "
                               f"{base.architecture} ({base_ref})")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+        if key == "num_hidden_layers" and not layers:  # slices may stack models of other depths
+            continue
         if base.config.get(key) != other.config.get(key):
             raise CheckpointError(f"{ref}: config {key}={other.config.get(key)} differs from the base's "
                                   f"{base.config.get(key)}")
@@ -245,12 +461,14 @@ def model_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def _output_tensor(base: Checkpoint, name: str, out_dtype: torch.dtype, vocab_rows: int | None) -> OutputTensor:
+def _output_tensor(base: Checkpoint, name: str, out_dtype: torch.dtype, vocab_rows: int | None,
+                   out_name: str | None = None) -> OutputTensor:
+    """Output tensor `out_name` (default `name`) shaped as input tensor `name` of `base`."""
     info = base.tensors[name]
     shape = info.shape
     if vocab_rows is not None and _is_vocab_tensor(name):
         shape = (vocab_rows, *shape[1:])
-    return OutputTensor(name, tuple(shape), out_dtype if info.dtype.is_floating_point else info.dtype)
+    return OutputTensor(out_name or name, tuple(shape), out_dtype if info.dtype.is_floating_point else info.dtype)
 
 
 # ------------------------------------------------------------------------------------- per-tensor merge
@@ -262,20 +480,20 @@ class CheckpointInputs:
     def __init__(self, job: MergeJob, name: str) -> None:
         self.job = job
         self.name = name
-        self.n_experts = len(job.experts)
+        self.params = job.params_of(name)
+        self.n_experts = len(job.plan[name].experts) if job.plan is not None else len(job.experts)
         self._base: torch.Tensor | None = None
         self._checked: set[int] = set()
 
     def _read(self, index: int) -> torch.Tensor:
         """index -1 is the base, i >= 0 expert i. Float32, a fresh tensor, in the output vocabulary."""
-        ckpt = self.job.base if index < 0 else self.job.experts[index]
-        t = ckpt.read(self.name).to(torch.float32, copy=True)  # safetensors may hand out one shared tensor
+        ckpt, name = self.job.input_of(self.name, index)
+        t = ckpt.read(name).to(torch.float32, copy=True)  # safetensors may hand out one shared tensor
         if self.job.check_finite and index not in self._checked:
             # A NaN/Inf anywhere makes the sum non-finite; the sum is one fast reduction with no bool
             # temporary. Only then is the exact elementwise check run (the sum may just have overflowed).
             if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                ref = "base_model" if index < 0 else self.job.expert_refs[index]
-                raise CheckpointError(f"{ref}: tensor {self.name!r} contains NaN or Inf; pass "
+                raise CheckpointError(f"{self._ref(index)}: tensor {name!r} contains NaN or Inf; pass "
                                       f"--allow-nonfinite to merge anyway")
             self._checked.add(index)
         if self._aligned(index):
@@ -284,14 +502,26 @@ class CheckpointInputs:
         return plan.permute(self._plan_model(index), lambda m: t if m == self._plan_model(index) else
                             self._stored_of(m))
 
+    def _global(self, index: int) -> int:
+        """The job-wide index (-1: the base) of this tensor's input `index` (slices renumber the inputs)."""
+        if self.job.plan is None:
+            return index
+        entry = self.job.plan[self.name]
+        return entry.base.index if index < 0 else entry.experts[index].index
+
     def _plan_model(self, index: int) -> int:
-        return 0 if index < 0 else self.job.vocab.refs.index(self.job.expert_refs[index])
+        g = self._global(index)
+        return 0 if g < 0 else self.job.vocab.refs.index(self.job.expert_refs[g])
 
     def _stored_of(self, model: int) -> torch.Tensor:
         """The stored tensor of the plan's model `model` (its rows for default embeddings)."""
         if model == 0:
             return self.job.base.read(self.name)
         return self.job.experts[self.job.expert_refs.index(self.job.vocab.refs[model])].read(self.name)
+
+    def _ref(self, index: int) -> str:
+        g = self._global(index)
+        return "base_model" if g < 0 else self.job.expert_refs[g]
 
     def base(self) -> torch.Tensor:
         if self._base is None:
@@ -311,8 +541,8 @@ class CheckpointInputs:
 
     def stored(self, i: int) -> torch.Tensor | None:
         """Tensor i (-1: the base) as stored, memory-mapped; None where vocabulary rows must be aligned."""
-        ckpt = self.job.base if i < 0 else self.job.experts[i]
-        return ckpt.read(self.name) if self._aligned(i) else None
+        ckpt, name = self.job.input_of(self.name, i)
+        return ckpt.read(name) if self._aligned(i) else None
 
     def verify_finite(self) -> None:
         if self.job.check_finite:
@@ -324,23 +554,25 @@ class CheckpointInputs:
         plan = self.job.vocab
         if plan is None or not _is_vocab_tensor(self.name):
             return True
-        ckpt = self.job.base if index < 0 else self.job.experts[index]
-        return plan.identity(self._plan_model(index), ckpt.tensors[self.name].shape[0])
+        ckpt, name = self.job.input_of(self.name, index)
+        return plan.identity(self._plan_model(index), ckpt.tensors[name].shape[0])
 
 
 def compute_delta(job: MergeJob, inputs: CheckpointInputs) -> torch.Tensor:
     """delta_merged of one tensor in float32: from the cache when the job has one, else the method."""
     if job.delta_source is not None:
         return job.delta_source.read(inputs.name).to(torch.float32)
-    return job.method.fn(inputs, job.params)
+    return job.method.fn(inputs, inputs.params)
 
 
 def merge_tensor(job: MergeJob, name: str, relax: RelaxFn | None = None) -> torch.Tensor:
     """Merge one tensor (and relax it with AIM when `relax` is given); returns it in the output dtype."""
-    info = job.base.tensors[name]
-    if not info.dtype.is_floating_point:
-        return job.base.read(name).clone()  # integer buffers are copied from the base
+    ckpt, in_name = job.input_of(name)
+    if not ckpt.tensors[in_name].dtype.is_floating_point:
+        return ckpt.read(in_name).clone()  # integer buffers are copied from the base
     inputs = CheckpointInputs(job, name)
+    if job.method.direct:  # passthrough: the merged tensor itself, no delta
+        return job.method.fn(inputs, inputs.params).to(job.out_dtype)
     delta = compute_delta(job, inputs)
     fast = _apply_fused(job, inputs, delta, relax)
     if fast is not None:
@@ -373,10 +605,12 @@ def _apply_fused(job: MergeJob, inputs: CheckpointInputs, delta: torch.Tensor, r
 def write_delta(job: MergeJob, out_dir: Path) -> Path:
     """Write every float tensor's float32 delta_merged as a checkpoint directory (atomically), so many
     relaxations (one per omega) share one merge. The directory opens with `Checkpoint.open`."""
+    if job.method.direct:
+        raise ConfigError(f"merge_method {job.method.name} copies tensors: it has no delta to cache")
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    names = [o.name for o in job.outputs if job.base.tensors[o.name].dtype.is_floating_point]
+    names = [o.name for o in job.outputs if o.dtype.is_floating_point]
     plan = [OutputTensor(o.name, o.shape, torch.float32) for o in job.outputs if o.name in set(names)]
     writer = ShardWriter(tmp / "model.safetensors", plan, {"aim_ray_delta_of": job.fingerprint()})
     try:
@@ -515,6 +749,8 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
     updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
     if job.vocab_rows is not None:
         updates["vocab_size"] = job.vocab_rows
+    if job.out_layers is not None:
+        updates["num_hidden_layers"] = job.out_layers
     rebuilt = job.vocab is not None or job.chat_template is not None
     copy_aux_files(job.base.path, None if rebuilt else job.tokenizer_src, work_dir, updates)
     if rebuilt:

@@ -94,6 +94,8 @@ def delta_key(job) -> str:
     payload = {"method": job.method.name, "params": [dict(p) for p in job.params.per_expert],
                "shared": dict(job.params.shared), "seed": job.seed, "vocab": job.vocab_rows,
                "inputs": [c.content_hash() for c in [job.base, *job.experts]]}
+    if job.plan is not None:  # gradients/filters/slices: parameters differ per tensor
+        payload["settings"] = job.config.model_dump(mode="json", include={"parameters", "models", "slices"})
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -234,6 +234,30 @@ def test_many_experts_on_four_workers(pools, tmp_path_factory):
     assert max(peak) < 2000, peak  # torch + transformers dominate; 32 memory-mapped experts add little
 
 
+@pytest.mark.parametrize("method", ["passthrough", "dare_ties"])
+def test_slices_byte_identical_on_four_workers(method, pools, family, tmp_path):
+    """A frankenmerge (6 output layers from two 4-layer models) and a slices merge with a gradient density and
+    filtered weights: the per-tensor plan is the same in every worker, so are the bytes."""
+    base, experts = family
+    b, e0, e1 = str(base), str(experts[0]), str(experts[1])
+    if method == "passthrough":
+        slices = [{"sources": [{"model": e0, "layer_range": [0, 3]}]},
+                  {"sources": [{"model": e1, "layer_range": [1, 4], "parameters": {"scale": 0.5}}]}]
+    else:
+        weight = [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.5}]
+        slices = [{"sources": [{"model": b, "layer_range": [0, 3]}, {"model": e0, "layer_range": [0, 3]},
+                               {"model": e1, "layer_range": [1, 4], "parameters": {"weight": weight}}],
+                   "parameters": {"density": [0.3, 0.8], "weight": 0.7}}]
+    data = {"merge_method": method, "slices": slices, **({"base_model": b} if method != "passthrough" else {})}
+    path = tmp_path / "slices.yaml"
+    path.write_text(json.dumps(data))
+    job = prepare(load_merge_config(path), seed=3, shard_size=SHARD)
+    ref = run_merge(job, tmp_path / "ref", progress=False)
+    out = distributed_merge(job, tmp_path / "out", pools[4].options, pool=pools[4], progress=False)
+    assert_same_checkpoint(ref, out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == (6 if method == "passthrough" else 3)
+
+
 # ----------------------------------------------------------------------------------------- calibration
 
 

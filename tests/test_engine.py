@@ -64,7 +64,7 @@ def _params_for(method: str, n: int) -> tuple[list[dict], dict]:
         per = [{"weight": 1.0}] * n if method != "widen" else [{}] * n
     if method in ("nuslerp", "multislerp"):
         per = [{"weight": 1.0 + 0.5 * i} for i in range(n)]
-    if method in ("karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"):
+    if method in ("karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"):
         per = [{}] * n
     shared = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "sce": {"select_topk": 0.5}}.get(method, {})
     return per, shared
@@ -76,7 +76,7 @@ def test_every_method_writes_a_loadable_model(method, llama_bf16_family, make_co
     experts = experts[:REGISTRY[method].max_experts]  # slerp, nearswap, arcee_fusion: 1; nuslerp: 2
     per, shared = _params_for(method, len(experts))
     per = [dict(p) for p in per]
-    cfg = make_config(method, base, experts, per, parameters=shared)
+    cfg = make_config(method, None if method == "passthrough" else base, experts, per, parameters=shared)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output

@@ -697,7 +697,7 @@ def test_registry_has_every_method():
     assert set(REGISTRY) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                              "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "widen",
                              "consensus_ta", "localize_stitch", "nuslerp", "multislerp", "karcher", "sce",
-                             "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+                             "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"}
 
 
 @pytest.mark.parametrize("method,expert,shared", [

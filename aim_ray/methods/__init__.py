@@ -3,8 +3,8 @@
 `resolve_params` turns MergeKit-style parameters (per model under `models[i].parameters`, global under
 `parameters`) into a validated `MethodParams`: defaults filled in, unknown names, missing required values,
 wrong types and out-of-range values rejected with a message naming the method, the model and the option.
-As in MergeKit, a per-model parameter given globally is the default for every model. Only scalar values are
-supported (not MergeKit's per-layer gradients or filter lists).
+As in MergeKit, a per-model parameter given globally is the default for every model. Values are scalars here:
+MergeKit's per-layer gradients and filter lists are evaluated per tensor first (`aim_ray.slices`).
 
 MergeKit reads only the parameters a method declares and ignores the rest of the YAML. So a parameter of
 MergeKit's vocabulary (`MERGEKIT_PARAMETERS`) that a MergeKit method does not read here (a per-model `weight`
@@ -29,6 +29,7 @@ from . import (  # noqa: F401  (registration)
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     ram,
     sce,
     slerp,
@@ -136,8 +137,8 @@ def _resolve(m: MergeMethod, spec: ParamSpec, value: Any, where: str) -> Any:
             raise ConfigError(f"{prefix} is required (no default)")
         return spec.default
     if isinstance(value, (list, tuple, dict)):
-        raise ConfigError(f"{prefix} = {value!r}: only a single scalar value is supported (MergeKit's "
-                          f"per-layer gradient lists and filter forms are not)")
+        raise ConfigError(f"{prefix} = {value!r}: expected a single scalar value here (gradients and filters "
+                          f"are evaluated per tensor by the engine)")
     value = _coerce(spec, value, prefix)
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError(f"{prefix} = {value!r}: must be one of {', '.join(map(str, spec.choices))}")

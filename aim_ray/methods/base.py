@@ -106,6 +106,8 @@ class MergeMethod:
     doc: str = ""
     extra_checks: tuple[Callable[[MethodParams], None], ...] = field(default_factory=tuple)
     mergekit: bool = True  # one of MergeKit's methods: parameters MergeKit ignores are ignored with a warning
+    # fn returns the merged tensor itself, not a delta (passthrough): nothing for AIM to relax
+    direct: bool = False
 
     def __post_init__(self) -> None:
         if self.base_role not in BASE_ROLES:

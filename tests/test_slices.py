@@ -1,0 +1,261 @@
+"""MergeKit's slices, passthrough frankenmerges, gradient and filter parameters: differential against MergeKit's own
+`run_merge` on tiny 4-layer Llama checkpoints (float32, every output tensor within 1e-6), and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aim_ray.checkpoint import Checkpoint
+from aim_ray.cli import main
+from aim_ray.config import MergeConfig, parse_config
+from aim_ray.engine import prepare, run_merge
+from aim_ray.errors import ConfigError
+from aim_ray.slices import evaluate
+from aim_ray.worlds.tiny import build_tiny_family
+
+pytest.importorskip("mergekit")
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge as mergekit_run_merge  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+TOL = 1e-6
+MAX_DIFF: dict[str, float] = {}  # per case, printed with -s
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> tuple[str, list[str]]:
+    base, experts = build_tiny_family(tmp_path_factory.mktemp("llama4"), "llama", n_experts=2, seed=5,
+                                      num_layers=4)
+    return str(base), [str(e) for e in experts]
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint.open(path)
+    return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+def ours(data: dict, out: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        job = prepare(parse_config(MergeConfig, data, "test"))
+    return run_merge(job, out, progress=False)
+
+
+def mergekit(data: dict, out: Path) -> Path:
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+    mergekit_run_merge(MergeConfiguration.model_validate(data), str(out), options=options)
+    return out
+
+
+def check_against_mergekit(label: str, data: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
+    data = {"dtype": "float32", **data}
+    a, b = state(ours(data, tmp_path / "ours")), state(mergekit(data, tmp_path / "mergekit"))
+    assert sorted(a) == sorted(b)
+    worst = 0.0
+    for name, theta in b.items():
+        assert a[name].dtype == theta.dtype and a[name].shape == theta.shape, name
+        worst = max(worst, (a[name] - theta).abs().max().item())
+    MAX_DIFF[label] = worst
+    print(f"{label}: max |ours - mergekit| = {worst:.3g}")
+    assert worst <= TOL, label
+    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]
+              for d in ("ours", "mergekit")]
+    assert layers[0] == layers[1]
+    return a
+
+
+def test_evaluate_follows_mergekit():
+    from mergekit.config import ConditionalParameter
+    from mergekit.config import evaluate_setting as mk
+
+    settings = [0.5, [0.1, 0.9], [0.2, 1.0, 0.4], [True, False], [{"filter": "mlp", "value": [0.3, 0.6]},
+                                                                  {"value": 0.1}]]
+    for setting in settings:
+        mk_setting = ([ConditionalParameter(**c) for c in setting]
+                      if isinstance(setting, list) and isinstance(setting[0], dict) else setting)
+        for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+            for t in (0.0, 1 / 3, 0.5, 2 / 3, 1.0):
+                assert evaluate(name, setting, t) == mk(name, mk_setting, t, validate=lambda v: v), (setting, t)
+
+
+def test_passthrough_frankenmerge(family, tmp_path):
+    """Two overlapping layer ranges of two models stacked into 6 layers; a scale on the second slice."""
+    _, (e0, e1) = family
+    data = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": e0, "layer_range": [0, 3]}]},
+        {"sources": [{"model": e1, "layer_range": [1, 4], "parameters": {"scale": 0.5}}]}]}
+    out = check_against_mergekit("passthrough", data, tmp_path)
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in out) == 6
+    src0, src1 = state(Path(e0)), state(Path(e1))
+    assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], src0["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(out["model.layers.3.mlp.up_proj.weight"], src1["model.layers.1.mlp.up_proj.weight"] * 0.5)
+    assert torch.equal(out["model.embed_tokens.weight"], src0["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], src1["lm_head.weight"] * 0.5)  # from the last slice, its scale
+
+
+def test_ties_gradient_density(family, tmp_path):
+    base, (e0, e1) = family
+    data = {"merge_method": "ties", "base_model": base, "models": [
+        {"model": e0, "parameters": {"weight": 0.7, "density": [0.2, 0.9]}},
+        {"model": e1, "parameters": {"weight": [0.3, 0.5, 1.0], "density": 0.5}}],
+        "parameters": {"normalize": False}}
+    check_against_mergekit("ties_gradient", data, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_filtered_weights(family, tmp_path, method):
+    base, (e0, e1) = family
+    weight = [{"filter": "self_attn", "value": 0.8}, {"filter": "mlp", "value": [0.1, 0.6]}, {"value": 0.4}]
+    data = {"merge_method": method, "base_model": base, "models": [
+        {"model": e0, "parameters": {"weight": weight}}, {"model": e1, "parameters": {"weight": 0.3}}]}
+    if method == "linear":
+        data["models"].append({"model": base, "parameters": {"weight": 0.2}})
+    check_against_mergekit(f"{method}_filter", data, tmp_path)
+
+
+def test_slice_precedence(family, tmp_path):
+    """Source parameters over slice parameters over global ones (a source's filter list that matches nothing
+    falls through); the second slice shifts the layers (output layer 2 is input layer 1), and a per-model filter
+    is matched against that model's input tensor name, as in MergeKit."""
+    base, (e0, e1) = family
+    data = {"merge_method": "ties", "base_model": base,
+            "parameters": {"weight": 0.1, "density": [0.3, 0.8], "lambda": 0.9},
+            "slices": [
+                {"sources": [{"model": base, "layer_range": [0, 2]},
+                             {"model": e0, "layer_range": [0, 2],
+                              "parameters": {"weight": [{"filter": "down_proj", "value": 1.5}]}},
+                             {"model": e1, "layer_range": [0, 2], "parameters": {"density": 0.4}}],
+                 "parameters": {"weight": 0.6}},
+                {"sources": [{"model": base, "layer_range": [1, 3]},
+                             {"model": e0, "layer_range": [1, 3], "parameters": {"weight": [0.2, 0.9]}},
+                             {"model": e1, "layer_range": [1, 3],  # matched on its input names
+                              "parameters": {"weight": [{"filter": "layers.1.", "value": 1.3}]}}],
+                 "parameters": {"density": 0.7, "lambda": 1.2}}]}
+    check_against_mergekit("slice_precedence", data, tmp_path)
+
+
+def test_scalar_models_config_keeps_the_single_params(family):
+    base, (e0, e1) = family
+    job = prepare(parse_config(MergeConfig, {"merge_method": "ties", "base_model": base, "models": [
+        {"model": e0, "parameters": {"weight": 0.5}}, {"model": e1, "parameters": {"weight": 0.5}}]}, "t"))
+    assert job.plan is None and job.out_layers is None
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def refused(data: dict, tmp_path: Path) -> str:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(cfg), "--out", str(out), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_layer_range_outside_the_model(family, tmp_path):
+    _, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "slices": [{"sources": [{"model": e0, "layer_range": [2, 5]}]}]},
+                  tmp_path)
+    assert "slices[0].sources[0].layer_range [2, 5] is outside" in msg and "(4 layers)" in msg
+
+
+def test_sources_of_one_slice_disagree(family, tmp_path):
+    base, (e0, _) = family
+    msg = refused({"merge_method": "task_arithmetic", "base_model": base, "slices": [{"sources": [
+        {"model": base, "layer_range": [0, 2]}, {"model": e0, "layer_range": [0, 3]}]}]}, tmp_path)
+    assert "slices[0].sources: layer ranges cover different numbers of layers ([2, 3])" in msg
+
+
+def test_filter_matching_no_tensor(family, tmp_path):
+    base, (e0, _) = family
+    msg = refused({"merge_method": "task_arithmetic", "base_model": base, "models": [
+        {"model": e0, "parameters": {"weight": [{"filter": "mlpx", "value": 0.5}, {"value": 1.0}]}}]}, tmp_path)
+    assert "models[0].parameters.weight: filter 'mlpx' matches no tensor" in msg
+
+
+def test_gradient_on_a_model_without_layers(family, tmp_path):
+    base, (e0, e1) = family
+    for path in (base, e0):  # copies whose config.json has no num_hidden_layers
+        dst = tmp_path / Path(path).name
+        dst.mkdir()
+        for f in Path(path).iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        cfg = json.loads((dst / "config.json").read_text())
+        del cfg["num_hidden_layers"]
+        (dst / "config.json").write_text(json.dumps(cfg))
+    msg = refused({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": [
+        {"model": str(tmp_path / "expert_0"), "parameters": {"weight": [0.1, 0.9]}}]}, tmp_path)
+    assert "models[0].parameters.weight: a gradient (list of values) needs a model with decoder layers" in msg
+
+
+def test_aim_refused_with_passthrough(family, tmp_path):
+    base, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}],
+                   "aim": {"omega": 0.5, "scales": "x.safetensors"}}, tmp_path)
+    assert msg.endswith("aim: merge_method passthrough copies tensors (no delta from a base to relax); remove aim:")
+
+
+def test_malformed_setting_and_models_with_slices(family):
+    base, (e0, _) = family
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: expected a value"):
+        prepare(parse_config(MergeConfig, {"merge_method": "linear", "models": [
+            {"model": e0, "parameters": {"weight": [{"filter": "mlp"}]}}]}, "t"))
+    with pytest.raises(ConfigError, match="give exactly one of models or slices"):
+        parse_config(MergeConfig, {"merge_method": "linear", "models": [e0],
+                                   "slices": [{"sources": [{"model": e0, "layer_range": [0, 1]}]}]}, "t")
+
+
+def test_missing_source_is_named(family, tmp_path):
+    _, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": e0, "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tmp_path / "nowhere"), "layer_range": [0, 2]}]}]}, tmp_path)
+    assert msg.endswith("error: slices[1].sources[0]: " + str(tmp_path / "nowhere") + ": no such checkpoint directory")
+
+
+def test_relative_source_paths_resolve_against_the_yaml(family, tmp_path):
+    from aim_ray.config import load_merge_config
+
+    _, (e0, _) = family
+    (tmp_path / "m").symlink_to(e0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "m", "layer_range": [0, 2]}]}]}))
+    assert load_merge_config(cfg).slices[0].sources[0].model == str(Path(e0).resolve())
+
+
+def test_passthrough_with_another_base_model_is_refused_as_mergekit(family, tmp_path):
+    """MergeKit adds a base_model missing from `models` as one more input: two inputs for passthrough."""
+    base, (e0, _) = family
+    msg = refused({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}]}, tmp_path)
+    assert "error: base_model: merge_method passthrough takes one model" in msg
+    with pytest.raises(ValueError, match="requires exactly 1 inputs .*; got 2"):
+        mergekit({"merge_method": "passthrough", "base_model": base, "models": [{"model": e0}]}, tmp_path / "mk")
+
+
+def test_per_model_filters_match_input_names_even_from_global_parameters(family, tmp_path):
+    """Output layers 2-3 are input layers 1-2: a global per-model filter on "layers.3." matches no input of that
+    slice (MergeKit: density keeps its default there), while the shared `lambda` filter matches output names."""
+    base, (e0, e1) = family
+    srcs = [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]
+    shifted = [{"model": m, "layer_range": [1, 3]} for m in (base, e0, e1)]
+    data = {"merge_method": "ties", "base_model": base, "slices": [{"sources": srcs}, {"sources": shifted}],
+            "parameters": {"weight": 0.6, "density": [{"filter": "layers.3.", "value": 0.3}],
+                           "lambda": [{"filter": "layers.3.", "value": 0.5}, {"value": 1.0}]}}
+    check_against_mergekit("input_name_filters", data, tmp_path)
+
+
+def test_passthrough_models_with_a_gradient_scale(family, tmp_path):
+    _, (e0, _) = family
+    check_against_mergekit("passthrough_gradient", {"merge_method": "passthrough", "models": [
+        {"model": e0, "parameters": {"scale": [1.0, 0.25]}}]}, tmp_path)
