@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .architectures import is_vocab_tensor, num_layers
 from .checkpoint import (
     DEFAULT_SHARD_SIZE,
     Checkpoint,
@@ -79,7 +80,7 @@ class MergeJob:
 
     @property
     def n_layers(self) -> int:
-        return int(self.base.config.get("num_hidden_layers", 0))
+        return num_layers(self.base.config, self.base.names())
 
     def fingerprint(self) -> str:
         """Identifies this exact merge (inputs, options, shard plan) for safe --resume."""
@@ -112,8 +113,8 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     out_dtype = output_dtype(config, base)
     names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
     _check_tensor_sets(base, experts, refs, names, vocab_rows)
-    n_layers = int(base.config.get("num_hidden_layers", 0))
-    outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, n_layers)]
+    outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, num_layers(base.config,
+                                                                                                         names))]
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src,
                     seed, check_finite, shard_size)
 
@@ -171,7 +172,8 @@ def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref:
 
 
 def _is_vocab_tensor(name: str) -> bool:
-    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    """Input embedding or output head under any family's name (`wte`, `language_model.lm_head`, ...)."""
+    return is_vocab_tensor(name)
 
 
 def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
@@ -199,8 +201,8 @@ def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpo
 
 
 def _vocab_rows(ckpt: Checkpoint) -> int | None:
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if name in ckpt.tensors:
+    for name in ckpt.names():
+        if is_vocab_tensor(name):
             return ckpt.tensors[name].shape[0]
     return None
 
