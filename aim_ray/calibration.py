@@ -330,8 +330,15 @@ class StageRunner:
         from transformers.initialization import no_init_weights
 
         try:
-            with no_init_weights(), self.device:
-                model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            try:
+                with no_init_weights(), self.device:
+                    model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            except ValueError as e:
+                if "attention implementation" not in str(e):
+                    raise
+                self.config._attn_implementation = "eager"  # a family without SDPA (e.g. Gemma 2)
+                with no_init_weights(), self.device:
+                    model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         except Exception as e:  # noqa: BLE001
             raise CalibrationError(f"{self.checkpoint.path}: transformers cannot build a causal LM of model_type "
                                    f"{self.checkpoint.config.get('model_type')!r} ({type(e).__name__}: {e})"
