@@ -62,7 +62,7 @@ DEFAULT_SPLIT = "validation"
 SHUFFLE_SEED = 42
 # Families whose decoder layers the stage runner chains (same layer call, rotary module and masks as the full
 # model: checked bit-identical). Any other causal LM is calibrated whole, in one stage (`calibration_stages`).
-PIPELINED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PIPELINED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = PIPELINED_MODEL_TYPES  # older name
 ONE_STAGE_NOTE = ("AIM calibration: model_type {family!r} has no pipelined stage runner (pipelined: {pipelined}); "
                   "the full model is hooked in one stage{where}")
@@ -265,6 +265,18 @@ def _hf_config(ckpt: Checkpoint, attn_implementation: str):
     return config
 
 
+def _from_config(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """`auto.from_config`, in eager attention for a family without SDPA (Gemma 2: its soft-capping), as the
+    full model itself would be loaded."""
+    try:
+        return auto.from_config(config, dtype=dtype)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        config._attn_implementation = "eager"
+        return auto.from_config(config, dtype=dtype)
+
+
 class StageRunner:
     """Decoder layers [layer_start, layer_end) of a causal LM, with only their weights loaded.
 
@@ -276,7 +288,7 @@ class StageRunner:
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, layer_start: int, layer_end: int,
                  is_first: bool | None = None, is_last: bool | None = None,
                  dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                 attn_implementation: str = "sdpa") -> None:
+                 attn_implementation: str = "sdpa", whole: bool | None = None) -> None:
         self.checkpoint = open_checkpoint(checkpoint)
         self.config = _hf_config(self.checkpoint, attn_implementation)
         n_layers = num_layers(self.checkpoint.config, self.checkpoint.names())
@@ -287,8 +299,9 @@ class StageRunner:
                 layer_start < layer_end or self.is_first or self.is_last):
             raise CalibrationError(f"stage layers [{layer_start}, {layer_end}) are not a valid range of the "
                                    f"{n_layers} decoder layers of {self.checkpoint.path}")
-        # A family without a stage runner runs as one whole model (and only as the whole model).
-        self.whole = not is_pipelined(self.checkpoint)
+        # A family without a stage runner runs as one whole model (and only as the whole model); `whole=True`
+        # runs a pipelined family that way too (the transformers forward itself).
+        self.whole = not is_pipelined(self.checkpoint) if whole is None else whole
         if self.whole and not (self.is_first and self.is_last and (layer_start, layer_end) == (0, n_layers)):
             raise CalibrationError(f"{self.checkpoint.path}: model_type "
                                    f"{self.checkpoint.config.get('model_type')!r} has no pipelined stage runner; "
@@ -304,8 +317,11 @@ class StageRunner:
 
         if self.whole:
             return self._build_whole()
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise CalibrationError(f"{self.checkpoint.path}: bidirectional attention is not supported by the "
+                                   f"calibration stages")
         with torch.device("meta"):  # a skeleton that costs no memory; only owned modules get real weights
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            skeleton = _from_config(AutoModelForCausalLM, self.config, self.dtype)
         self.config = skeleton.config
         owned: dict[str, nn.Module] = {}
         if self.is_first:
@@ -330,15 +346,8 @@ class StageRunner:
         from transformers.initialization import no_init_weights
 
         try:
-            try:
-                with no_init_weights(), self.device:
-                    model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-            except ValueError as e:
-                if "attention implementation" not in str(e):
-                    raise
-                self.config._attn_implementation = "eager"  # a family without SDPA (e.g. Gemma 2)
-                with no_init_weights(), self.device:
-                    model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            with no_init_weights(), self.device:
+                model = _from_config(AutoModelForCausalLM, self.config, self.dtype)
         except Exception as e:  # noqa: BLE001
             raise CalibrationError(f"{self.checkpoint.path}: transformers cannot build a causal LM of model_type "
                                    f"{self.checkpoint.config.get('model_type')!r} ({type(e).__name__}: {e})"
@@ -363,8 +372,14 @@ class StageRunner:
             owner, _, leaf = pname.rpartition(".")
             target = module.get_submodule(owner) if owner else module
             setattr(target, leaf, nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False))
-        for bname, buf in module.named_buffers():
-            if buf.is_meta:
+        for bname, buf in list(module.named_buffers()):
+            owner, _, leaf = bname.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            if buf.is_meta and leaf == "embed_scale" and hasattr(target, "scalar_embed_scale"):
+                # Gemma's scaled embedding: sqrt(hidden) in the buffer's dtype, as transformers initialises it
+                target.register_buffer(leaf, torch.tensor(target.scalar_embed_scale, dtype=buf.dtype,
+                                                          device=self.device), persistent=False)
+            elif buf.is_meta:
                 raise CalibrationError(f"{prefix}.{bname}: buffer cannot be loaded from "
                                        f"{self.checkpoint.path}")
         module.eval()
@@ -398,15 +413,29 @@ class StageRunner:
         h = self._embed(x)
         if self.layer_end > self.layer_start:
             position_ids = torch.arange(h.shape[1], device=self.device).unsqueeze(0)
-            position_embeddings = self.rotary_emb(h, position_ids)
+            position_embeddings = self._position_embeddings(h, position_ids)
             masks = self._masks(h, position_ids)
             for i in range(self.layer_start, self.layer_end):
                 h = self.modules[f"model.layers.{i}"](
                     h, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
-                    use_cache=False, position_embeddings=position_embeddings)
+                    use_cache=False, position_embeddings=position_embeddings[self._layer_type(i)])
         if self.is_last:
             h = self.modules["lm_head"](self.modules["model.norm"](h))
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            if cap is not None:  # Gemma 2/3: as their ForCausalLM.forward
+                h = torch.tanh(h / cap) * cap
         return h
+
+    def _position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
+        """Rotary (cos, sin) per attention layer type: Gemma 3 has one rotary frequency per type, the others
+        one for every layer."""
+        import inspect
+
+        types = {self._layer_type(i) for i in range(self.layer_start, self.layer_end)}
+        if "layer_type" in inspect.signature(self.rotary_emb.forward).parameters:
+            return {t: self.rotary_emb(h, position_ids, t) for t in types}
+        shared = self.rotary_emb(h, position_ids)
+        return dict.fromkeys(types, shared)
 
     def _run_whole(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
