@@ -259,10 +259,16 @@ def _hf_config(ckpt: Checkpoint, attn_implementation: str):
         config = AutoConfig.from_pretrained(str(ckpt.path))
     except Exception as e:  # noqa: BLE001 - an unknown model_type: one clear line
         raise CalibrationError(f"{ckpt.path / 'config.json'}: transformers cannot build model_type "
-                               f"{ckpt.config.get('model_type')!r} for calibration ({type(e).__name__}: {e})"
-                               ) from None
+                               f"{ckpt.config.get('model_type')!r} for calibration "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
     config._attn_implementation = attn_implementation
     return config
+
+
+def _first_line(error: BaseException) -> str:
+    """transformers' errors can list every supported class: keep the first line, at most 160 characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _from_config(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
@@ -350,8 +356,8 @@ class StageRunner:
                 model = _from_config(AutoModelForCausalLM, self.config, self.dtype)
         except Exception as e:  # noqa: BLE001
             raise CalibrationError(f"{self.checkpoint.path}: transformers cannot build a causal LM of model_type "
-                                   f"{self.checkpoint.config.get('model_type')!r} ({type(e).__name__}: {e})"
-                                   ) from None
+                                   f"{self.checkpoint.config.get('model_type')!r} "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
         self.config = model.config
         stored = set(self.checkpoint.names())
         for pname, _ in list(model.named_parameters(remove_duplicate=False)):

@@ -58,6 +58,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import MergeOptions, RemoteWorker, to_wire
+from .architectures import text_config
 from .calibration import (
     check_finite,
     device_kind,
@@ -575,9 +576,11 @@ def service_plan(job: MergeJob, options: ClusterOptions, calibration: Calibratio
     runs = shard_assignment(job, options.workers)
     shards = job.shards
     workers = []
+    whole = plan_ranges({t.name: t.nbytes for t in job.outputs}, job.n_layers, 1)[0]
     for r, run in zip(ranges, runs, strict=True):
         tensors = [t for i in run for t in shards[i]]
-        calib = _calibration_bytes(job, r, calibration, kind) if calibration is not None else 0
+        stage = r if is_pipelined(job.base) else (whole if r.worker == 0 else None)  # else one stage on worker 0
+        calib = _calibration_bytes(job, stage, calibration, kind) if calibration and stage else 0
         largest = max((math.prod(t.shape) for t in tensors), default=0)
         workers.append(WorkerPlan(r, run, sum(t.nbytes for t in tensors), calib, merge_memory(largest)))
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else "auto"
@@ -591,8 +594,9 @@ def _calibration_bytes(job: MergeJob, r: LayerRange, c: CalibrationConfig, kind:
     and the logits' softmax and gradient."""
     width = 2 if c.dtype in ("bfloat16", "float16") else 4
     weights = r.nbytes * width // job.out_dtype.itemsize
-    cfg = job.base.config
-    hidden, inter, vocab = (cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    cfg = text_config(job.base.config)  # a multimodal model: its language model's sizes
+    hidden = cfg.get("hidden_size", cfg.get("n_embd", 0))  # GPT-2 names it n_embd (MLP: 4 * n_embd)
+    inter, vocab = cfg.get("intermediate_size", cfg.get("n_inner") or 4 * hidden), cfg.get("vocab_size", 0)
     if kind != "sensitivity":
         return calibration_memory(weights, c.micro_batch * c.block_size, hidden, inter, vocab, r.has_head, width)
     per_layer = calibration_memory(0, c.block_size, hidden, inter, 0, False, width)
@@ -611,7 +615,9 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
     if aim is not None:
         source = f"scales {aim.scales}" if aim.scales else (
             f"{aim.kind} calibration {aim.calibration_or_default().model_dump()}"
-            + f", pipelined over {cluster.workers} stage(s)")
+            + (f", pipelined over {cluster.workers} stage(s)" if is_pipelined(job.base) else
+               f", one whole-model stage (model_type {job.base.config.get('model_type')!r} has no pipelined "
+               f"stage runner)"))
         lines.append(f"AIM omega={aim.omega}, {source}")
     if cluster.workers == 1:
         lines.append("--workers 1: runs in this process, without Ray")

@@ -165,6 +165,9 @@ def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref:
     if base.architecture != other.architecture:
         raise CheckpointError(f"{ref}: architecture {other.architecture} differs from the base's "
                               f"{base.architecture} ({base_ref})")
+    if num_layers(base.config) != num_layers(other.config):
+        raise CheckpointError(f"{ref}: {num_layers(other.config)} layers differ from the base's "
+                              f"{num_layers(base.config)}")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
         if base.config.get(key) != other.config.get(key):
             raise CheckpointError(f"{ref}: config {key}={other.config.get(key)} differs from the base's "
@@ -521,7 +524,7 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
     write_index(work_dir, shards, {"aim_ray_version": __version__})
     updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
     if job.vocab_rows is not None:
-        updates["vocab_size"] = job.vocab_rows
+        updates.update(_vocab_update(job.base.config, job.vocab_rows))
     copy_aux_files(job.base.path, job.tokenizer_src, work_dir, updates)
     report = {
         "config": job.config.model_dump(mode="json"),
@@ -532,6 +535,15 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
         **report,
     }
     (work_dir / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _vocab_update(config: Mapping[str, Any], rows: int) -> dict[str, Any]:
+    """The config change for a new vocabulary size: top level, or the language model's `text_config` of a
+    multimodal model that keeps it there (LLaVA)."""
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        return {"text_config": {**text, "vocab_size": rows}}
+    return {"vocab_size": rows}
 
 
 def run_merge(job: MergeJob, out: str | os.PathLike | OutputDir, *, overwrite: bool = False, resume: bool = False,

@@ -221,6 +221,40 @@ def test_vocab_tensors_of_other_families_align(families, tmp_path):
     assert job.vocab_rows == 256
 
 
+def test_llava_vocabulary_union_updates_text_config(families, tmp_path):
+    """LLaVA's vocabulary tensors carry the `language_model.` prefix and its vocab_size lives in text_config."""
+    import json
+
+    from safetensors.torch import save_file
+
+    base, experts = families["llava"]
+    wide = tmp_path / "wide"
+    shutil.copytree(experts[0], wide)
+    tensors = load_file(wide / "model.safetensors")
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], torch.full((4, 32), 0.5)])
+    save_file(tensors, wide / "model.safetensors", metadata={"format": "pt"})
+    cfg = ties_config(tmp_path, base, [wide, experts[1]], tokenizer_source="union")
+    out = run_merge(prepare(load_merge_config(cfg)), tmp_path / "out", progress=False)
+    merged = read_all(out)
+    assert merged["language_model.model.embed_tokens.weight"].shape == (260, 32)
+    assert merged["language_model.lm_head.weight"].shape == (260, 32)
+    assert torch.equal(merged["language_model.lm_head.weight"][256:], torch.full((4, 32), 0.5))
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == 260 and "vocab_size" not in config
+
+
+def test_dry_run_names_the_one_stage(families, tmp_path):
+    from aim_ray.driver import ClusterOptions, dry_run_plan
+
+    base, experts = families["gpt2"]
+    cfg = ties_config(tmp_path, base, experts, aim={"omega": 0.5, "calibration": {"dataset": "x.jsonl"}})
+    text = dry_run_plan(load_merge_config(cfg), ClusterOptions(workers=2))
+    assert "one whole-model stage (model_type 'gpt2' has no pipelined stage runner)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(rows) == 2 and rows[1].split("|")[5].strip() == "-"  # worker 1 holds no calibration stage
+
+
 # ------------------------------------------------------------------------------------------- distributed
 
 
@@ -339,6 +373,14 @@ def test_one_stage_calibration_for_families_without_a_stage_runner(families, fam
     with pytest.warns(UserWarning, match="no pipelined stage runner"):
         sens = collect_sensitivity_scales(base, blocks[:2])
     assert {k: tuple(v.shape) for k, v in sens.items()} == expected_shapes(ckpt, "sensitivity")
+
+
+def test_calibration_refuses_a_multimodal_model_in_one_line(families):
+    """LLaVA is no causal LM for transformers (its AIM needs scales from another source): one short line."""
+    with pytest.raises(CalibrationError, match=r"transformers cannot build a causal LM of model_type 'llava' "
+                                               r"\(ValueError: Unrecognized configuration class") as info:
+        StageRunner(families["llava"][0], 0, 3)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
 
 
 def test_calibration_refuses_fused_modules(families):
