@@ -437,6 +437,43 @@ def test_pool_calibrates_in_one_stage_like_single_process(families, pool):
     with pytest.warns(UserWarning):
         local = collect_activation_scales(base, blocks, micro_batch=2)
     assert set(got) == set(local) and all(torch.equal(got[k], local[k]) for k in local)
+    got = pool.calibrate(str(base), ranges, blocks[:2], micro_batch=2, dtype="float32", device="cpu",
+                         kind="sensitivity")
+    with pytest.warns(UserWarning):
+        local = collect_sensitivity_scales(base, blocks[:2])
+    assert set(got) == set(local) and all(torch.equal(got[k], local[k]) for k in local)
+
+
+def test_gpt2_aim_merge_on_the_pool_is_byte_identical(families, pool, tmp_path, monkeypatch):
+    """Calibration (one stage on one worker) + Conv1D relaxation on the pool == the single-process merge."""
+    import json
+
+    from aim_ray.driver import distributed_merge, pool_aim
+    from aim_ray.relaxer import aim_for_job
+
+    base, experts = families["gpt2"]
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"the quick fox {i} jumps"}) + "\n" for i in range(40)))
+    calibration = {"dataset": str(texts), "n_samples": 40, "block_size": 32, "n_blocks": 6, "device": "cpu",
+                   "dtype": "float32"}
+    cfg = ties_config(tmp_path, base, experts, aim={"omega": 0.4, "calibration": calibration})
+    job = prepare(load_merge_config(cfg), shard_size=6_000)
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_dist"))  # each path calibrates for itself
+    with pytest.warns(UserWarning, match="model_type 'gpt2' has no pipelined stage runner"):
+        dist = distributed_merge(job, tmp_path / "dist", pool.options, pool=pool, aim=pool_aim(job), progress=False)
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_single"))
+    job = prepare(load_merge_config(cfg), shard_size=6_000)
+    with pytest.warns(UserWarning, match="model_type 'gpt2' has no pipelined stage runner"):
+        relax, metadata, _ = aim_for_job(job)
+    single = run_merge(job, tmp_path / "single", relax=relax, metadata=metadata, progress=False)
+    files = sorted(p.name for p in single.glob("*.safetensors"))
+    assert len(files) > 2 and files == sorted(p.name for p in dist.glob("*.safetensors"))
+    for f in files:
+        assert (single / f).read_bytes() == (dist / f).read_bytes(), f
+    plain = read_all(run_merge(prepare(load_merge_config(ties_config(tmp_path, base, experts, "p.yaml"))),
+                               tmp_path / "plain", progress=False))
+    relaxed = read_all(single)
+    assert not torch.equal(relaxed["transformer.h.0.attn.c_attn.weight"], plain["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_gpt2_aim_relaxes_conv1d_rows(families, tmp_path):
