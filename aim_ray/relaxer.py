@@ -56,8 +56,9 @@ class AimRelaxer:
     def for_tensors(self, names: list[str]) -> AimRelaxer:
         """The same relaxation holding only the scales `names` need (what one shard's writer receives)."""
         keys = {c.key for c in (scale_for(n, self.scales, self.tied, self.kind) for n in names) if c.key}
+        wanted = set(names)
         return AimRelaxer({k: self.scales[k] for k in sorted(keys)}, self.kind, self.omega, self.tied,
-                          {n: a for n, a in self.axes.items() if n in set(names)})
+                          {n: a for n, a in self.axes.items() if n in wanted})
 
     def notes(self, names: list[str]) -> list[str]:
         """Checks every tensor has its scales (before any write) and returns the notes to record."""

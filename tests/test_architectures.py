@@ -507,3 +507,14 @@ def test_gpt2_aim_relaxes_conv1d_rows(families, tmp_path):
         assert math.isclose(float((out[emb] - plain[emb]).abs().max()), 0.0) == (emb == "transformer.wpe.weight")
     with safe_open(next((tmp_path / "aim").glob("*.safetensors")), "pt") as f:
         assert f.metadata()["aim_omega"] == repr(omega)
+
+
+def test_conv1d_scales_on_the_wrong_axis_are_refused():
+    from aim_ray.aim import factor_for
+    from aim_ray.errors import ScalesError
+
+    with pytest.raises(ScalesError, match=r"c_fc.weight: scales of shape \(128,\) fit neither the tensor's shape "
+                                          r"\(32, 128\) nor its input dimension 0 \(Conv1D layout \[in, out\]\)"):
+        factor_for("transformer.h.0.mlp.c_fc.weight", (32, 128), torch.rand(128), 0.5, axis=0)
+    rows = factor_for("transformer.h.0.mlp.c_fc.weight", (32, 128), torch.rand(32), 0.5, axis=0)
+    assert rows.shape == (32, 128) and torch.equal(rows, rows[:, :1].expand(32, 128))
