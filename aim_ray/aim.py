@@ -4,6 +4,8 @@
 
 - activation scales: one value per **input** channel; applied along the last dimension of a weight, so column
   `j` of an `nn.Linear` weight `[out, in]` is scaled by `1 - A[j] * (1 - omega)`; norm weights elementwise;
+  a weight stored as GPT-2's `Conv1D` `[in, out]` has its input channels along dimension 0 (`axis=0`, from
+  `architectures.input_axis`): row `j` is scaled (never the last axis, even when the weight is square);
 - sensitivity scales (eq. 5): same shape as the parameter, applied elementwise.
 
 Not relaxed (the merged value is kept): embeddings and biases. A tied embedding (`tie_word_embeddings` and no
@@ -30,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .architectures import is_input_embedding, tied_head
 from .errors import ConfigError, ScalesError
 from .scales import KINDS, is_embedding
 
@@ -67,32 +70,39 @@ def relaxation_factor(scale: torch.Tensor, omega: float) -> torch.Tensor:
 
 
 def relax(name: str, theta_pre: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None,
-          omega: float) -> torch.Tensor:
+          omega: float, axis: int = -1) -> torch.Tensor:
     """The AIM-relaxed weight in float32. `scale` None (embeddings, biases): `theta_pre + delta`."""
     if theta_pre.shape != delta.shape:
         raise ScalesError(f"{name}: base shape {tuple(theta_pre.shape)} != delta shape {tuple(delta.shape)}")
     base = theta_pre.to(torch.float32)
     d = delta.to(torch.float32)
-    factor = factor_for(name, tuple(d.shape), scale, omega)
+    factor = factor_for(name, tuple(d.shape), scale, omega, axis)
     return base + d if factor is None else base + factor * d
 
 
-def factor_for(name: str, shape: tuple[int, ...], scale: torch.Tensor | None, omega: float
+def factor_for(name: str, shape: tuple[int, ...], scale: torch.Tensor | None, omega: float, axis: int = -1
                ) -> torch.Tensor | None:
-    """The multiplier of delta in `relax` (per column or per element), None for 1 (no scales)."""
+    """The multiplier of delta in `relax` (per column or per element), None for 1 (no scales). With `axis=0`
+    (input channels first: Conv1D) per-channel scales are expanded to the tensor's shape, one value per row."""
     omega = validate_omega(omega)
     if scale is None:
         return None
-    _check_scale_shape(name, scale, shape)
-    return relaxation_factor(scale, omega)
+    elementwise = _check_scale_shape(name, scale, shape, axis)
+    factor = relaxation_factor(scale, omega)
+    if axis == 0 and not elementwise and len(shape) > 1:
+        factor = factor.view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
+    return factor
 
 
-def _check_scale_shape(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _check_scale_shape(name: str, scale: torch.Tensor, shape: tuple[int, ...], axis: int = -1) -> bool:
+    """Whether the scales are elementwise (else one per input channel along `axis`); refuses other shapes."""
     elementwise = tuple(scale.shape) == shape
-    per_column = scale.dim() == 1 and len(shape) >= 1 and scale.shape[0] == shape[-1]
-    if not (elementwise or per_column):
+    per_channel = scale.dim() == 1 and len(shape) >= 1 and scale.shape[0] == shape[axis]
+    if not (elementwise or per_channel):
+        where = "last dimension" if axis == -1 else f"input dimension {axis} (Conv1D layout [in, out])"
         raise ScalesError(f"{name}: scales of shape {tuple(scale.shape)} fit neither the tensor's shape "
-                          f"{shape} nor its last dimension")
+                          f"{shape} nor its {where}")
+    return elementwise
 
 
 def scale_for(name: str, scales: Mapping[str, torch.Tensor], tie_word_embeddings: bool = False,
@@ -108,9 +118,9 @@ def scale_for(name: str, scales: Mapping[str, torch.Tensor], tie_word_embeddings
     if not name.endswith(".weight"):
         return ScaleChoice(None)  # biases (and any buffer) keep the merged value
     if is_embedding(name):
-        if not tie_word_embeddings:
+        if not (tie_word_embeddings and is_input_embedding(name)):  # position embeddings are never the head
             return ScaleChoice(None)
-        key = "lm_head" if kind == "activation" else "lm_head.weight"
+        key = tied_head(name) + ("" if kind == "activation" else ".weight")
         return ScaleChoice(_lookup(scales, key, name, kind), key, TIED_NOTE.format(name=name, key=key))
     key = name.removesuffix(".weight") if kind == "activation" else name
     return ScaleChoice(_lookup(scales, key, name, kind), key)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .architectures import input_embedding, num_layers
 from .checkpoint import TOKENIZER_FILES, Checkpoint, parse_dtype, sha256_file
 from .errors import CalibrationError, CheckpointError
 from .scales import Scales, cache_key, cache_path, is_embedding, open_checkpoint
@@ -59,7 +60,12 @@ from .scales import Scales, cache_key, cache_path, is_embedding, open_checkpoint
 DEFAULT_DATASET = "mit-han-lab/pile-val-backup"
 DEFAULT_SPLIT = "validation"
 SHUFFLE_SEED = 42
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Families whose decoder layers the stage runner chains (same layer call, rotary module and masks as the full
+# model: checked bit-identical). Any other causal LM is calibrated whole, in one stage (`calibration_stages`).
+PIPELINED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = PIPELINED_MODEL_TYPES  # older name
+ONE_STAGE_NOTE = ("AIM calibration: model_type {family!r} has no pipelined stage runner (pipelined: {pipelined}); "
+                  "the full model is hooked in one stage{where}")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -249,13 +255,32 @@ def device_kind(device: str | torch.device) -> str:
 def _hf_config(ckpt: Checkpoint, attn_implementation: str):
     from transformers import AutoConfig
 
-    model_type = ckpt.config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CalibrationError(f"{ckpt.path / 'config.json'}: model_type {model_type!r} cannot be "
-                               f"calibrated; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    config = AutoConfig.from_pretrained(str(ckpt.path))
+    try:
+        config = AutoConfig.from_pretrained(str(ckpt.path))
+    except Exception as e:  # noqa: BLE001 - an unknown model_type: one clear line
+        raise CalibrationError(f"{ckpt.path / 'config.json'}: transformers cannot build model_type "
+                               f"{ckpt.config.get('model_type')!r} for calibration "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
     config._attn_implementation = attn_implementation
     return config
+
+
+def _first_line(error: BaseException) -> str:
+    """transformers' errors can list every supported class: keep the first line, at most 160 characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _from_config(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """`auto.from_config`, in eager attention for a family without SDPA (Gemma 2: its soft-capping), as the
+    full model itself would be loaded."""
+    try:
+        return auto.from_config(config, dtype=dtype)
+    except ValueError as e:
+        if "attention implementation" not in str(e):
+            raise
+        config._attn_implementation = "eager"
+        return auto.from_config(config, dtype=dtype)
 
 
 class StageRunner:
@@ -269,10 +294,10 @@ class StageRunner:
     def __init__(self, checkpoint: str | os.PathLike | Checkpoint, layer_start: int, layer_end: int,
                  is_first: bool | None = None, is_last: bool | None = None,
                  dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                 attn_implementation: str = "sdpa") -> None:
+                 attn_implementation: str = "sdpa", whole: bool | None = None) -> None:
         self.checkpoint = open_checkpoint(checkpoint)
         self.config = _hf_config(self.checkpoint, attn_implementation)
-        n_layers = self.config.num_hidden_layers
+        n_layers = num_layers(self.checkpoint.config, self.checkpoint.names())
         self.layer_start, self.layer_end = layer_start, layer_end
         self.is_first = layer_start == 0 if is_first is None else is_first
         self.is_last = layer_end == n_layers if is_last is None else is_last
@@ -280,6 +305,13 @@ class StageRunner:
                 layer_start < layer_end or self.is_first or self.is_last):
             raise CalibrationError(f"stage layers [{layer_start}, {layer_end}) are not a valid range of the "
                                    f"{n_layers} decoder layers of {self.checkpoint.path}")
+        # A family without a stage runner runs as one whole model (and only as the whole model); `whole=True`
+        # runs a pipelined family that way too (the transformers forward itself).
+        self.whole = not is_pipelined(self.checkpoint) if whole is None else whole
+        if self.whole and not (self.is_first and self.is_last and (layer_start, layer_end) == (0, n_layers)):
+            raise CalibrationError(f"{self.checkpoint.path}: model_type "
+                                   f"{self.checkpoint.config.get('model_type')!r} has no pipelined stage runner; "
+                                   f"it calibrates in one stage (layers [0, {n_layers}))")
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         self.modules = self._build()
@@ -289,8 +321,13 @@ class StageRunner:
     def _build(self) -> dict[str, nn.Module]:
         from transformers import AutoModelForCausalLM
 
+        if self.whole:
+            return self._build_whole()
+        if getattr(self.config, "use_bidirectional_attention", False):
+            raise CalibrationError(f"{self.checkpoint.path}: bidirectional attention is not supported by the "
+                                   f"calibration stages")
         with torch.device("meta"):  # a skeleton that costs no memory; only owned modules get real weights
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            skeleton = _from_config(AutoModelForCausalLM, self.config, self.dtype)
         self.config = skeleton.config
         owned: dict[str, nn.Module] = {}
         if self.is_first:
@@ -306,23 +343,58 @@ class StageRunner:
         self.rotary_emb = type(skeleton.model.rotary_emb)(config=self.config).to(self.device)
         return owned
 
-    def _materialize(self, prefix: str, module: nn.Module) -> None:
-        for pname, meta_param in list(module.named_parameters()):
-            full = f"{prefix}.{pname}"
+    def _build_whole(self) -> dict[str, nn.Module]:
+        """The full causal LM with every weight from the checkpoint (a family without a stage runner). Built
+        without weight initialisation (all parameters are then loaded); buffers are computed at init. Every
+        parameter must be a checkpoint tensor of the same name and shape: a family whose transformers modules
+        are renamed or fused against its checkpoint (e.g. MoE experts fused into one tensor) is refused."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        try:
+            with no_init_weights(), self.device:
+                model = _from_config(AutoModelForCausalLM, self.config, self.dtype)
+        except Exception as e:  # noqa: BLE001
+            raise CalibrationError(f"{self.checkpoint.path}: transformers cannot build a causal LM of model_type "
+                                   f"{self.checkpoint.config.get('model_type')!r} "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
+        self.config = model.config
+        stored = set(self.checkpoint.names())
+        for pname, _ in list(model.named_parameters(remove_duplicate=False)):
+            if pname not in stored and not self._tied_head(pname):
+                raise CalibrationError(f"{self.checkpoint.path}: parameter {pname!r} of the transformers "
+                                       f"{type(model).__name__} is not a tensor of the checkpoint (renamed or fused "
+                                       f"weights); this family cannot be calibrated")
+        self._materialize("", model, remove_duplicate=False)
+        return {"": model}
+
+    def _tied_head(self, pname: str) -> bool:
+        return pname.endswith("lm_head.weight") and bool(self.config.tie_word_embeddings)
+
+    def _materialize(self, prefix: str, module: nn.Module, remove_duplicate: bool = True) -> None:
+        for pname, meta_param in list(module.named_parameters(remove_duplicate=remove_duplicate)):
+            full = f"{prefix}.{pname}" if prefix else pname
             tensor = self._read(full, tuple(meta_param.shape))
             owner, _, leaf = pname.rpartition(".")
             target = module.get_submodule(owner) if owner else module
             setattr(target, leaf, nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False))
-        for bname, buf in module.named_buffers():
-            if buf.is_meta:
+        for bname, buf in list(module.named_buffers()):
+            owner, _, leaf = bname.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            if buf.is_meta and leaf == "embed_scale" and hasattr(target, "scalar_embed_scale"):
+                # Gemma's scaled embedding: sqrt(hidden) in the buffer's dtype, as transformers initialises it
+                target.register_buffer(leaf, torch.tensor(target.scalar_embed_scale, dtype=buf.dtype,
+                                                          device=self.device), persistent=False)
+            elif buf.is_meta:
                 raise CalibrationError(f"{prefix}.{bname}: buffer cannot be loaded from "
                                        f"{self.checkpoint.path}")
         module.eval()
 
     def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         source = name
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            source = "model.embed_tokens.weight"  # as transformers does: the head is the embedding
+        if self._tied_head(name):
+            # as transformers does: the head is the embedding (its own Parameter here, for a head-only gradient)
+            source = input_embedding(self.checkpoint.names()) or name
         try:
             tensor = self.checkpoint.read(source)
         except CheckpointError as e:
@@ -342,18 +414,39 @@ class StageRunner:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` without inference mode (autograd works: the sensitivity scales use it)."""
+        if self.whole:
+            return self._run_whole(x)
         h = self._embed(x)
         if self.layer_end > self.layer_start:
             position_ids = torch.arange(h.shape[1], device=self.device).unsqueeze(0)
-            position_embeddings = self.rotary_emb(h, position_ids)
+            position_embeddings = self._position_embeddings(h, position_ids)
             masks = self._masks(h, position_ids)
             for i in range(self.layer_start, self.layer_end):
                 h = self.modules[f"model.layers.{i}"](
                     h, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
-                    use_cache=False, position_embeddings=position_embeddings)
+                    use_cache=False, position_embeddings=position_embeddings[self._layer_type(i)])
         if self.is_last:
             h = self.modules["lm_head"](self.modules["model.norm"](h))
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            if cap is not None:  # Gemma 2/3: as their ForCausalLM.forward
+                h = torch.tanh(h / cap) * cap
         return h
+
+    def _position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
+        """Rotary (cos, sin) per attention layer type: Gemma 3 has one rotary frequency per type, the others
+        one for every layer."""
+        import inspect
+
+        types = {self._layer_type(i) for i in range(self.layer_start, self.layer_end)}
+        if "layer_type" in inspect.signature(self.rotary_emb.forward).parameters:
+            return {t: self.rotary_emb(h, position_ids, t) for t in types}
+        shared = self.rotary_emb(h, position_ids)
+        return dict.fromkeys(types, shared)
+
+    def _run_whole(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
+            raise CalibrationError(f"the first stage takes token ids [batch, seq], got {x.dtype} {tuple(x.shape)}")
+        return self.modules[""](input_ids=x.to(self.device), use_cache=False).logits
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
@@ -393,7 +486,7 @@ class StageRunner:
         out = {}
         for prefix, owned in self.modules.items():
             for sub, module in owned.named_modules():
-                name = f"{prefix}.{sub}" if sub else prefix
+                name = ".".join(p for p in (prefix, sub) if p)
                 if module._parameters.get("weight") is not None and not is_embedding(name):
                     out[name] = module
         return out
@@ -403,8 +496,8 @@ class StageRunner:
         gradients. `lm_head` is its own Parameter even when tied: it gets its head-only gradient."""
         params = {}
         for prefix, module in self.modules.items():
-            for pname, p in module.named_parameters():
-                name = f"{prefix}.{pname}"
+            for pname, p in module.named_parameters(remove_duplicate=False):
+                name = f"{prefix}.{pname}" if prefix else pname
                 if name.endswith(".weight") and not is_embedding(name):
                     params[name] = p.requires_grad_(True)
         return params
@@ -548,6 +641,27 @@ def iter_micro_batches(blocks: torch.Tensor, micro_batch: int) -> Iterator[torch
 # ---------------------------------------------------------------------------------------------- collection
 
 
+def is_pipelined(ckpt: Checkpoint) -> bool:
+    """Whether the stage runner can split this family by layer range (else: one stage, the whole model)."""
+    return ckpt.config.get("model_type") in PIPELINED_MODEL_TYPES
+
+
+def calibration_stages(ckpt: Checkpoint, layer_ranges: Sequence[tuple[int, int]] | None, where: str = ""
+                       ) -> list[tuple[int, int]]:
+    """The stages to calibrate `ckpt` with: `layer_ranges` (checked), or one whole-model stage with a warning
+    naming the family when it has no pipelined stage runner."""
+    n_layers = num_layers(ckpt.config, ckpt.names())
+    if not is_pipelined(ckpt):
+        warnings.warn(one_stage_note(ckpt, where), stacklevel=3)
+        return [(0, n_layers)]
+    return _stage_ranges(n_layers, layer_ranges)
+
+
+def one_stage_note(ckpt: Checkpoint, where: str = "") -> str:
+    return ONE_STAGE_NOTE.format(family=ckpt.config.get("model_type"), pipelined=", ".join(PIPELINED_MODEL_TYPES),
+                                 where=where)
+
+
 def _stage_ranges(n_layers: int, layer_ranges: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
     ranges = [tuple(r) for r in layer_ranges] if layer_ranges else [(0, n_layers)]
     ends = [0] + [b for _, b in ranges]
@@ -562,7 +676,7 @@ def collect_activation_scales(base: str | os.PathLike | Checkpoint, blocks: torc
                               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Mean |input| per channel of every scaled module, running the stages one after another (in-process)."""
     ckpt = open_checkpoint(base)
-    ranges = _stage_ranges(int(ckpt.config["num_hidden_layers"]), layer_ranges)
+    ranges = calibration_stages(ckpt, layer_ranges)
     last = len(ranges) - 1
     runners = [StageRunner(ckpt, a, b, is_first=k == 0, is_last=k == last, dtype=dtype, device=device)
                for k, (a, b) in enumerate(ranges)]
@@ -593,7 +707,7 @@ def collect_sensitivity_scales(base: str | os.PathLike | Checkpoint, blocks: tor
     """`G = sum_b |d entropy_loss(block b) / d theta|` for every relaxed parameter (not embeddings/biases),
     in process: the whole model as one stage, or chained `SensitivityStage`s over `layer_ranges`."""
     ckpt = open_checkpoint(base)
-    ranges = _stage_ranges(int(ckpt.config["num_hidden_layers"]), layer_ranges)
+    ranges = calibration_stages(ckpt, layer_ranges)
     last = len(ranges) - 1
     stages = [SensitivityStage(StageRunner(ckpt, a, b, k == 0, k == last, dtype, device))
               for k, (a, b) in enumerate(ranges)]

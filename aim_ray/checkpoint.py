@@ -245,7 +245,8 @@ class Checkpoint:
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        text = self.config.get("text_config") or {}  # multimodal models tie their language model's head
+        return bool(self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
     # -- data ----------------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:

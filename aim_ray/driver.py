@@ -58,12 +58,15 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import MergeOptions, RemoteWorker, to_wire
+from .architectures import text_config
 from .calibration import (
     check_finite,
     device_kind,
+    is_pipelined,
     iter_micro_batches,
     load_calibration_blocks,
     load_tokenizer,
+    one_stage_note,
     resolve_dtype,
     scales_artifact,
     scales_cache_path,
@@ -265,14 +268,16 @@ class WorkerPool:
                   dtype: str = "float32", max_inflight: int | None = None,
                   attempts: int = 2, kind: str = "activation", device: str = "auto",
                   timeout_s: float | None = None) -> dict[str, torch.Tensor]:
-        """Pipelined scales of `kind` over `ranges` (one stage per worker, in order). A failure inside the
+        """Pipelined scales of `kind` over `ranges` (one stage per worker, in order; fewer ranges than workers
+        use the first workers only, e.g. one whole-model stage). A failure inside the
         pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times.
         `timeout_s` (default `call_timeout_s`) bounds every wait on a worker (one pipeline step, a stage's
         setup); a timeout is a ClusterError naming the workers. Sensitivity runs one
         block per step (`micro_batch` is ignored); `max_inflight` is then the blocks between forward and
         backward."""
-        if len(ranges) != len(self.actors):
+        if not 1 <= len(ranges) <= len(self.actors):
             raise ValueError(f"{len(ranges)} ranges for {len(self.actors)} workers")
+        stages = self.actors[:len(ranges)]
         timeout_s = timeout_s or self.options.call_timeout_s
         if kind not in ("activation", "sensitivity"):
             raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
@@ -282,38 +287,38 @@ class WorkerPool:
             try:
                 self.get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head,
                                                      dtype, kind, device)
-                          for a, r in zip(self.actors, ranges, strict=True)], timeout_s, "loading the stages")
-                once(blocks, micro_batch, max_inflight, timeout_s)
+                          for a, r in zip(stages, ranges, strict=True)], timeout_s, "loading the stages")
+                once(stages, blocks, micro_batch, max_inflight, timeout_s)
                 scales: dict[str, torch.Tensor] = {}
-                for part in self.call_all("get_scales", timeout_s=timeout_s):
+                for part in self.get([a.get_scales.remote() for a in stages], timeout_s, "get_scales"):
                     scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
-                self.call_all("stop_calibration", timeout_s=timeout_s)
+                self.get([a.stop_calibration.remote() for a in stages], timeout_s, "stop_calibration")
                 return scales
             except (ray.exceptions.RayActorError, CalibrationError):
                 if attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _calibrate_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
-                        timeout_s: float) -> None:
-        window = max_inflight or 2 * len(self.actors)
+    def _calibrate_once(self, stages: Sequence[Any], blocks: torch.Tensor, micro_batch: int,
+                        max_inflight: int | None, timeout_s: float) -> None:
+        window = max_inflight or 2 * len(stages)
         inflight: list[ray.ObjectRef] = []
         for batch in iter_micro_batches(blocks, micro_batch):
             if len(inflight) >= window:  # bound the hidden states alive in the object store
                 self._pipeline_get([inflight.pop(0)], timeout_s)
             ref = ray.put(to_wire(batch))
-            for actor in self.actors:  # stage k's output ref is stage k+1's input: no driver round trip
+            for actor in stages:  # stage k's output ref is stage k+1's input: no driver round trip
                 ref = actor.calibrate_step.remote(ref)
             inflight.append(ref)
         self._pipeline_get(inflight, timeout_s)
 
-    def _sensitivity_once(self, blocks: torch.Tensor, micro_batch: int, max_inflight: int | None,
-                          timeout_s: float) -> None:
+    def _sensitivity_once(self, stages: Sequence[Any], blocks: torch.Tensor, micro_batch: int,
+                          max_inflight: int | None, timeout_s: float) -> None:
         """One block per step (|grad| is per block, as in process). Each actor runs its calls in submission
         order, so submitting forward(i + W) before backward(i) is what overlaps the stages; it cannot
         deadlock: backward(i) on stage k waits only on stage k+1's calls submitted before it."""
-        *body, last = self.actors
-        window = max_inflight or 2 * len(self.actors)
+        *body, last = stages
+        window = max_inflight or 2 * len(stages)
         waiting: list[tuple[int, ray.ObjectRef]] = []  # blocks whose backward is not submitted yet
         finished: list[ray.ObjectRef] = []
 
@@ -550,6 +555,15 @@ def layer_ranges(job: MergeJob, workers: int) -> list[LayerRange]:
     return plan_ranges({t.name: t.nbytes for t in job.outputs}, job.n_layers, workers)
 
 
+def calibration_ranges(job: MergeJob, workers: int) -> list[LayerRange]:
+    """The calibration stages: `layer_ranges`, or one whole-model stage (on the pool's first worker) with a
+    warning naming the family when it has no pipelined stage runner."""
+    if is_pipelined(job.base):
+        return layer_ranges(job, workers)
+    warnings.warn(one_stage_note(job.base, " on one worker of the pool"), stacklevel=3)
+    return plan_ranges({t.name: t.nbytes for t in job.outputs}, job.n_layers, 1)
+
+
 def shard_assignment(job: MergeJob, workers: int) -> list[range]:
     return assign_shards([sum(t.nbytes for t in shard) for shard in job.shards], workers)
 
@@ -562,9 +576,11 @@ def service_plan(job: MergeJob, options: ClusterOptions, calibration: Calibratio
     runs = shard_assignment(job, options.workers)
     shards = job.shards
     workers = []
+    whole = plan_ranges({t.name: t.nbytes for t in job.outputs}, job.n_layers, 1)[0]
     for r, run in zip(ranges, runs, strict=True):
         tensors = [t for i in run for t in shards[i]]
-        calib = _calibration_bytes(job, r, calibration, kind) if calibration is not None else 0
+        stage = r if is_pipelined(job.base) else (whole if r.worker == 0 else None)  # else one stage on worker 0
+        calib = _calibration_bytes(job, stage, calibration, kind) if calibration and stage else 0
         largest = max((math.prod(t.shape) for t in tensors), default=0)
         workers.append(WorkerPlan(r, run, sum(t.nbytes for t in tensors), calib, merge_memory(largest)))
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else "auto"
@@ -578,8 +594,9 @@ def _calibration_bytes(job: MergeJob, r: LayerRange, c: CalibrationConfig, kind:
     and the logits' softmax and gradient."""
     width = 2 if c.dtype in ("bfloat16", "float16") else 4
     weights = r.nbytes * width // job.out_dtype.itemsize
-    cfg = job.base.config
-    hidden, inter, vocab = (cfg.get(k, 0) for k in ("hidden_size", "intermediate_size", "vocab_size"))
+    cfg = text_config(job.base.config)  # a multimodal model: its language model's sizes
+    hidden = cfg.get("hidden_size", cfg.get("n_embd", 0))  # GPT-2 names it n_embd (MLP: 4 * n_embd)
+    inter, vocab = cfg.get("intermediate_size", cfg.get("n_inner") or 4 * hidden), cfg.get("vocab_size", 0)
     if kind != "sensitivity":
         return calibration_memory(weights, c.micro_batch * c.block_size, hidden, inter, vocab, r.has_head, width)
     per_layer = calibration_memory(0, c.block_size, hidden, inter, 0, False, width)
@@ -598,7 +615,9 @@ def dry_run_plan(config: MergeConfig, cluster: ClusterOptions, *, seed: int = 0,
     if aim is not None:
         source = f"scales {aim.scales}" if aim.scales else (
             f"{aim.kind} calibration {aim.calibration_or_default().model_dump()}"
-            + f", pipelined over {cluster.workers} stage(s)")
+            + (f", pipelined over {cluster.workers} stage(s)" if is_pipelined(job.base) else
+               f", one whole-model stage (model_type {job.base.config.get('model_type')!r} has no pipelined "
+               f"stage runner)"))
         lines.append(f"AIM omega={aim.omega}, {source}")
     if cluster.workers == 1:
         lines.append("--workers 1: runs in this process, without Ray")
@@ -623,7 +642,7 @@ def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: Calibration
         return Scales.load(path)
     blocks = load_calibration_blocks(load_tokenizer(base.path), c.dataset, c.n_samples, c.block_size,
                                      c.n_blocks, c.split)
-    ranges = layer_ranges(job, len(pool.actors))
+    ranges = calibration_ranges(job, len(pool.actors))
     tensors = pool.calibrate(base.ref, ranges, blocks, c.micro_batch, dtype, kind=kind, device=c.device)  # pinned
     check_finite(tensors, dtype)
     device = "+".join(sorted({device_kind(d) for d in devices}))

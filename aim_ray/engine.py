@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .architectures import is_vocab_tensor, num_layers
 from .chat_template import resolve_template
 from .checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -110,7 +111,7 @@ class MergeJob:
     def n_layers(self) -> int:
         if self.out_layers is not None:
             return self.out_layers
-        return int(self.base.config.get("num_hidden_layers", 0))
+        return num_layers(self.base.config, self.base.names())
 
     def fingerprint(self) -> str:
         """Identifies this exact merge (inputs, options, shard plan) for safe --resume."""
@@ -156,8 +157,8 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     out_dtype = output_dtype(config, base)
     names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
     _check_tensor_sets(base, experts, refs, names, vocab_rows)
-    n_layers = int(base.config.get("num_hidden_layers", 0))
-    outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, n_layers)]
+    outputs = [_output_tensor(base, n, out_dtype, vocab_rows) for n in ordered_names(names, num_layers(base.config,
+                                                                                                         names))]
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src,
                     vocab, template, seed, check_finite, shard_size)
 
@@ -226,7 +227,7 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     experts = [_open(r, _option_of(config, r, i), allow_pickle, pins.get(r)) for i, r in enumerate(refs)]
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref, layers=config.slices is None)
-    n_base = int(base.config.get("num_hidden_layers", 0) or 0)
+    n_base = num_layers(base.config, base.names())
     if config.slices is None:
         base_src = Source(-1, base_ref, 0, {})
         srcs = tuple(Source(i, e.model, 0, e.parameters) for i, e in enumerate(entries))
@@ -300,7 +301,7 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
         for j, src in enumerate(sl.sources):
             a, b = src.layer_range
             ckpt = ckpts[0] if src.model == base_ref and src.model not in refs else ckpts[refs.index(src.model) + 1]
-            n = int(ckpt.config.get("num_hidden_layers", 0) or 0)
+            n = num_layers(ckpt.config, ckpt.names())
             if not 0 <= a < b <= n:
                 raise ConfigError(f"{where}.sources[{j}].layer_range [{a}, {b}] is outside {src.model} "
                                   f"({n} layers): need 0 <= a < b <= {n}")
@@ -363,7 +364,7 @@ def _check_plan(plans: Mapping[str, TensorPlan], ckpts: Sequence[Checkpoint], re
             s = tuple(ckpt.tensors[inp.name].shape)
             if shape is None:
                 shape = s
-            elif s != shape and not (vocab_rows is not None and _is_vocab_tensor(name) and s[1:] == shape[1:]):
+            elif s != shape and not (vocab_rows is not None and is_vocab_tensor(name) and s[1:] == shape[1:]):
                 raise CheckpointError(f"{ref}: tensor {inp.name!r} has shape {s}, output {name!r} needs {shape}")
 
 
@@ -384,16 +385,15 @@ def _check_architecture(base: Checkpoint, other: Checkpoint, base_ref: str, ref:
     if base.architecture != other.architecture:
         raise CheckpointError(f"{ref}: architecture {other.architecture} differs from the base's "
                               f"{base.architecture} ({base_ref})")
+    if num_layers(base.config) != num_layers(other.config):
+        raise CheckpointError(f"{ref}: {num_layers(other.config)} layers differ from the base's "
+                              f"{num_layers(base.config)}")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
         if key == "num_hidden_layers" and not layers:  # slices may stack models of other depths
             continue
         if base.config.get(key) != other.config.get(key):
             raise CheckpointError(f"{ref}: config {key}={other.config.get(key)} differs from the base's "
                                   f"{base.config.get(key)}")
-
-
-def _is_vocab_tensor(name: str) -> bool:
-    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
 def _unique(ckpts: Sequence[Checkpoint], refs: Sequence[str]) -> tuple[list[str], list[Checkpoint]]:
@@ -423,8 +423,8 @@ def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpo
 
 
 def stored_vocab_rows(ckpt: Checkpoint) -> int | None:
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if name in ckpt.tensors:
+    for name in ckpt.names():
+        if is_vocab_tensor(name):
             return ckpt.tensors[name].shape[0]
     return None
 
@@ -442,7 +442,7 @@ def _check_tensor_sets(base: Checkpoint, experts: Sequence[Checkpoint], refs: Se
             a, b = base.tensors[name].shape, ckpt.tensors[name].shape
             if a == b:
                 continue
-            if vocab_rows is not None and _is_vocab_tensor(name) and a[1:] == b[1:]:
+            if vocab_rows is not None and is_vocab_tensor(name) and a[1:] == b[1:]:
                 continue
             raise CheckpointError(f"{ref}: tensor {name!r} has shape {tuple(b)}, the base has {tuple(a)}")
 
@@ -466,7 +466,7 @@ def _output_tensor(base: Checkpoint, name: str, out_dtype: torch.dtype, vocab_ro
     """Output tensor `out_name` (default `name`) shaped as input tensor `name` of `base`."""
     info = base.tensors[name]
     shape = info.shape
-    if vocab_rows is not None and _is_vocab_tensor(name):
+    if vocab_rows is not None and is_vocab_tensor(name):
         shape = (vocab_rows, *shape[1:])
     return OutputTensor(out_name or name, tuple(shape), out_dtype if info.dtype.is_floating_point else info.dtype)
 
@@ -552,7 +552,7 @@ class CheckpointInputs:
     def _aligned(self, index: int) -> bool:
         """Whether tensor `index` as stored is already in the output vocabulary."""
         plan = self.job.vocab
-        if plan is None or not _is_vocab_tensor(self.name):
+        if plan is None or not is_vocab_tensor(self.name):
             return True
         ckpt, name = self.job.input_of(self.name, index)
         return plan.identity(self._plan_model(index), ckpt.tensors[name].shape[0])
@@ -748,7 +748,7 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
     write_index(work_dir, shards, {"aim_ray_version": __version__})
     updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
     if job.vocab_rows is not None:
-        updates["vocab_size"] = job.vocab_rows
+        updates.update(_vocab_update(job.base.config, job.vocab_rows))
     if job.out_layers is not None:
         updates["num_hidden_layers"] = job.out_layers
     rebuilt = job.vocab is not None or job.chat_template is not None
@@ -775,6 +775,15 @@ def write_tokenizer(job: MergeJob, work_dir: Path) -> None:
     if job.chat_template is not None:
         tok.chat_template = job.chat_template
     tok.save_pretrained(str(work_dir))
+
+
+def _vocab_update(config: Mapping[str, Any], rows: int) -> dict[str, Any]:
+    """The config change for a new vocabulary size: top level, or the language model's `text_config` of a
+    multimodal model that keeps it there (LLaVA)."""
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        return {"text_config": {**text, "vocab_size": rows}}
+    return {"vocab_size": rows}
 
 
 def run_merge(job: MergeJob, out: str | os.PathLike | OutputDir, *, overwrite: bool = False, resume: bool = False,

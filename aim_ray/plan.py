@@ -7,33 +7,24 @@ layers on hidden states handed over by the previous stage.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .architectures import is_head, layer_index
 from .errors import CheckpointError
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EMBED = re.compile(r"^model\.embed_tokens\.")
-_HEAD = re.compile(r"^(model\.norm\.|lm_head\.)")
 
 
 def block_of(name: str, n_layers: int) -> int:
-    """0 for embeddings, 1 + i for decoder layer i, n_layers + 1 for the final norm and lm_head."""
-    if _EMBED.match(name):
-        return 0
-    if m := _LAYER.match(name):
-        layer = int(m.group(1))
+    """0 for embeddings (and multimodal front ends, and any other tensor outside the layers), 1 + i for decoder
+    layer i, n_layers + 1 for the final norm and the output head. Names are matched by pattern
+    (`architectures`), so any family that numbers its layers `layers.N`, `h.N`, `blocks.N`, ... plans."""
+    layer = layer_index(name)
+    if layer is not None:
         if layer >= n_layers:
             raise CheckpointError(f"tensor {name!r} names layer {layer}, but the config has {n_layers} "
                                   f"layers")
         return 1 + layer
-    if _HEAD.match(name):
-        return n_layers + 1
-    raise CheckpointError(f"tensor {name!r} does not follow the Llama/Mistral/Qwen2 naming "
-                          f"(model.embed_tokens, model.layers.N, model.norm, lm_head); "
-                          f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
+    return n_layers + 1 if is_head(name) else 0
 
 
 def ordered_names(names: Iterable[str], n_layers: int) -> list[str]:

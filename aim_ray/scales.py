@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, architectures
 from .checkpoint import Checkpoint
 from .checkpoint import cache_dir as _cache_root
 from .errors import CheckpointError, ScalesError
@@ -49,15 +49,16 @@ def open_checkpoint(base: str | os.PathLike | Checkpoint) -> Checkpoint:
 
 
 def is_embedding(name: str) -> bool:
-    """Embedding tensors/modules (`model.embed_tokens[.weight]`): never relaxed, never calibrated."""
-    return "embed_tokens" in name.split(".")
+    """Embedding tensors/modules (token, position, patch embeddings of any family: `model.embed_tokens`,
+    GPT-2's `wte`/`wpe`, ...): never relaxed, never calibrated."""
+    return architectures.is_embedding(name)
 
 
 def has_tied_embeddings(checkpoint: Checkpoint) -> bool:
     """The embedding is the head: config says tied and the embedding is stored. A stored `lm_head.weight` does
     not untie it (transformers ties the head to the embedding on load and ignores the stored head), so the
     embedding is relaxed with the head's scales whether or not the head is stored too."""
-    return checkpoint.tie_word_embeddings and "model.embed_tokens.weight" in set(checkpoint.names())
+    return checkpoint.tie_word_embeddings and architectures.input_embedding(checkpoint.names()) is not None
 
 
 def expected_shapes(checkpoint: Checkpoint, kind: str) -> dict[str, tuple[int, ...]]:
@@ -67,10 +68,13 @@ def expected_shapes(checkpoint: Checkpoint, kind: str) -> dict[str, tuple[int, .
         if not name.endswith(".weight") or is_embedding(name):
             continue  # biases, buffers and embeddings are not relaxed
         shape = checkpoint.info(name).shape
-        out[_key(name, kind)] = (shape[-1],) if kind == "activation" else shape
+        axis = architectures.input_axis(name, checkpoint.config)  # GPT-2's Conv1D: input channels are dim 0
+        out[_key(name, kind)] = (shape[axis],) if kind == "activation" else shape
     if has_tied_embeddings(checkpoint):  # the head exists as a module, its weight is the embedding
-        shape = checkpoint.info("model.embed_tokens.weight").shape
-        out[_key("lm_head.weight", kind)] = (shape[-1],) if kind == "activation" else shape
+        embedding = architectures.input_embedding(checkpoint.names())
+        shape = checkpoint.info(embedding).shape
+        out[_key(architectures.tied_head(embedding) + ".weight", kind)] = (
+            (shape[-1],) if kind == "activation" else shape)
     return out
 
 

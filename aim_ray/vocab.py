@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .architectures import is_vocab_tensor
 from .config import ModelTokenEmbedding, TokenEmbeddingConfig, TokenizerConfig, ZeroEmbedding
 from .errors import ConfigError
 
@@ -167,8 +168,8 @@ def vocab_size_of(ckpt) -> int:
     size = ckpt.config.get("vocab_size")
     if isinstance(size, int):
         return size
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if name in ckpt.tensors:
+    for name in ckpt.names():
+        if is_vocab_tensor(name):
             return ckpt.tensors[name].shape[0]
     raise ConfigError(f"tokenizer: {ckpt.path} has neither config vocab_size nor an embedding tensor")
 

@@ -204,9 +204,10 @@ def test_stage_loads_only_its_weights(bases, monkeypatch):
 def test_unsupported_model_and_bad_range(bases, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64))
     gpt2.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(CalibrationError, match="model_type 'gpt2' cannot be calibrated; supported: llama"):
+    with pytest.raises(CalibrationError, match=r"model_type 'gpt2' has no pipelined stage runner; it calibrates "
+                                               r"in one stage \(layers \[0, 2\)\)"):
         StageRunner(tmp_path / "gpt2", 0, 1)
     with pytest.raises(CalibrationError, match=r"stage layers \[3, 5\) are not a valid range of the 4"):
         StageRunner(bases["llama"], 3, 5)
