@@ -337,7 +337,7 @@ def _check_gradients(config: MergeConfig, base_ref: str, n_layers: int) -> None:
         for key, setting in scope.items():
             if is_gradient(setting):
                 raise ConfigError(f"{where}.{key}: a gradient (list of values) needs a model with decoder layers; "
-                                  f"{base_ref} has no num_hidden_layers")
+                                  f"{base_ref} has none")
 
 
 def _check_filters(config: MergeConfig, plans: Mapping[str, TensorPlan]) -> None:

@@ -185,7 +185,9 @@ def test_filter_matching_no_tensor(family, tmp_path):
 
 def test_gradient_on_a_model_without_layers(family, tmp_path):
     base, (e0, e1) = family
-    for path in (base, e0):  # copies whose config.json has no num_hidden_layers
+    from safetensors.torch import load_file, save_file
+
+    for path in (base, e0):  # copies without decoder layers: no num_hidden_layers, no layer tensors
         dst = tmp_path / Path(path).name
         dst.mkdir()
         for f in Path(path).iterdir():
@@ -193,6 +195,9 @@ def test_gradient_on_a_model_without_layers(family, tmp_path):
         cfg = json.loads((dst / "config.json").read_text())
         del cfg["num_hidden_layers"]
         (dst / "config.json").write_text(json.dumps(cfg))
+        tensors = load_file(dst / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if ".layers." not in k}, dst / "model.safetensors",
+                  metadata={"format": "pt"})
     msg = refused({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"), "models": [
         {"model": str(tmp_path / "expert_0"), "parameters": {"weight": [0.1, 0.9]}}]}, tmp_path)
     assert "models[0].parameters.weight: a gradient (list of values) needs a model with decoder layers" in msg
