@@ -502,8 +502,8 @@ class ShardWriter:
             self._queue.put(None)
             self._thread.join()
 
-    def close(self) -> str:
-        """Flush, fsync and return the file's sha256."""
+    def close(self, durable: bool = True) -> str:
+        """Flush, fsync (unless not `durable`: a scratch output) and return the file's sha256."""
         if not self.complete:
             self.abort()
             raise RuntimeError(f"{self.file.name}: closed after {self._next}/{len(self.expected)} tensors")
@@ -512,7 +512,8 @@ class ShardWriter:
             self._f.close()
             raise self._error
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if durable:
+            os.fsync(self._f.fileno())
         self._f.close()
         return self._sha.hexdigest()
 
@@ -751,18 +752,22 @@ class OutputDir:
         self.work.mkdir(exist_ok=True)
         return self.work
 
-    def commit(self, shards: Mapping[str, str], scratch: Sequence[str] = ()) -> Path:
+    def commit(self, shards: Mapping[str, str], scratch: Sequence[str] = (), durable: bool = True) -> Path:
         """Check every shard against its recorded sha256, drop scratch and stale `*.tmp` files, fsync, and
-        swap the work dir into place (the old output, if overwriting, is removed last)."""
-        self._verify(shards)
+        swap the work dir into place (the old output, if overwriting, is removed last). `durable=False` is for
+        a scratch output written by this process and deleted soon (a Tune trial model): no re-hash, no fsync;
+        the swap is still atomic."""
+        if durable:
+            self._verify(shards)
         for name in scratch:
             (self.work / name).unlink(missing_ok=True)
         for tmp in self.work.glob("*.tmp"):  # left by writers that died or lost their node
             tmp.unlink(missing_ok=True)
-        for file in self.work.iterdir():
-            if file.is_file() and file.name not in shards:  # shards were fsynced by their writers
-                fsync_file(file)
-        fsync_dir(self.work)
+        if durable:
+            for file in self.work.iterdir():
+                if file.is_file() and file.name not in shards:  # shards were fsynced by their writers
+                    fsync_file(file)
+            fsync_dir(self.work)
         old = None
         if self.out.exists():  # it may have appeared while we merged
             self._check_target()
@@ -771,7 +776,8 @@ class OutputDir:
                 shutil.rmtree(old)
             os.replace(self.out, old)
         os.replace(self.work, self.out)
-        fsync_dir(self.out.parent)
+        if durable:
+            fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old)
         return self.out

@@ -92,6 +92,8 @@ class MergeJob:
     # when every output tensor is the same tensor of the base and the experts, with `params` for all.
     plan: dict[str, TensorPlan] | None = None
     out_layers: int | None = None  # output decoder layers when a plan stacks or drops layers
+    # False for a scratch output (a Tune trial model, scored then deleted): no fsync, no re-hash at commit.
+    durable: bool = True
 
     def input_of(self, name: str, index: int = -1) -> tuple[Checkpoint, str]:
         """(checkpoint, input tensor name) of input `index` (-1: the base) for output tensor `name`."""
@@ -723,7 +725,7 @@ def write_shard(job: MergeJob, work_dir: Path, index: int, relax: RelaxFn | None
             release_free_heap()
             if on_tensor is not None:
                 on_tensor(name)
-        digest = writer.close()
+        digest = writer.close(durable=job.durable)
     except BaseException:
         writer.abort()
         tmp.unlink(missing_ok=True)
@@ -806,7 +808,7 @@ def run_merge(job: MergeJob, out: str | os.PathLike | OutputDir, *, overwrite: b
             timings = {"merge_seconds": round(time.time() - started, 3)}
             finalize(job, output.work, done, {"timings": timings, "resumed_shards": state.resumed_names(),
                                               **(report or {})})
-            return output.commit(state.shard_digests(), scratch=[PROGRESS])
+            return output.commit(state.shard_digests(), scratch=[PROGRESS], durable=job.durable)
         except AimRayError as e:
             # Bad input: a work dir with finished shards is kept for --resume, else discarded. A crash or an
             # interrupt keeps it as it is.

@@ -140,13 +140,15 @@ def cached_scales(cfg: TuneSweepConfig, root: Path | None = None) -> tuple[Path,
 
 
 def trial_model(cfg: TuneSweepConfig, variant: Variant, omega: float, delta: Path, scales: Path, out: Path,
-                overwrite: bool = True) -> Path:
-    """Relax the cached delta with `omega` and write the model (bit-identical to a one-pass merge + AIM)."""
+                overwrite: bool = True, durable: bool = True) -> Path:
+    """Relax the cached delta with `omega` and write the model (bit-identical to a one-pass merge + AIM).
+    `durable=False` for a trial model that is scored and deleted: no fsync, no re-hash at commit."""
     from .engine import prepare, run_merge
     from .relaxer import aim_for_job
 
     job = prepare(merge_config(cfg, variant, omega, str(scales)), seed=cfg.seed)
     job.delta_source = Checkpoint.open(delta)
+    job.durable = durable
     relax, metadata, report = aim_for_job(job)
     return run_merge(job, out, overwrite=overwrite, relax=relax, metadata=metadata, report=report, progress=False)
 
@@ -163,7 +165,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     # keyed by the trial, never by (variant, omega) alone: a searcher repeating a pair gets a second directory
     out = Path(ctx["trials_dir"]) / tune.get_context().get_trial_id()
     started = time.time()
-    trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out)
+    trial_model(cfg, variant, omega, Path(ctx["deltas"][variant.key]), Path(ctx["scales"]), out,
+                durable=ctx["keep_models"])
     written = time.time()
     scores, actor = trial_scores(cfg, ctx, out)
     cached = actor is None
@@ -347,8 +350,10 @@ def tune_config(cfg: TuneSweepConfig, tasks: list[str]):
         # multi-objective: every benchmark score is maximised; Pareto-optimal trials are kept
         searcher = OptunaSearch(metric=[f"score/{t}" for t in tasks], mode=["max"] * len(tasks), seed=cfg.seed)
         return tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples,
-                               max_concurrent_trials=cfg.max_concurrent_trials)
-    return tune.TuneConfig(metric="hv_gain", mode="max", max_concurrent_trials=cfg.max_concurrent_trials)
+                               max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True)
+    # reuse_actors: a trial process keeps its imports (torch, the engine, numba's kernels) for the next trial
+    return tune.TuneConfig(metric="hv_gain", mode="max", max_concurrent_trials=cfg.max_concurrent_trials,
+                           reuse_actors=True)
 
 
 def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike | None = None, *, name: str = "sweep",
