@@ -73,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=Path("bench_out/merge_speed"))
     ap.add_argument("--quick", action="store_true", help="small model (~30M parameters), N up to 4")
+    ap.add_argument("--skip-mergekit-heap", action="store_true",
+                    help="skip MergeKit's ties heap vs N table (its N=16 run alone takes minutes)")
     args = ap.parse_args()
     shape = dict(hidden=512, intermediate=1408, layers=4, vocab=8000) if args.quick else {}
     ns = [2, 4] if args.quick else [2, 4, 8, 16]
@@ -97,18 +99,19 @@ def main() -> None:
               f"{theirs.seconds / ours.seconds:.2f}x | {theirs.seconds / single.seconds:.2f}x | {floor:.2f} | "
               f"{ours.seconds / floor:.2f}x |", flush=True)
 
-    print("\n## peak heap (anonymous RSS), ties density 0.5")
-    print("| N experts | aim-ray MB | mergekit MB | aim-ray s | mergekit s |")
-    print("|---|---|---|---|---|")
-    first = None
-    for n in ns:
-        cfg = method_yaml(work, "ties", base, experts, n)
-        ours = run_tool("aim-ray", cfg, work / "out")
-        theirs = run_tool("mergekit", cfg, work / "out")
-        first = first or ours.peak_anon_mb
-        print(f"| {n} | {ours.peak_anon_mb:.0f} | {theirs.peak_anon_mb:.0f} | {ours.seconds:.2f} | "
-              f"{theirs.seconds:.2f} |", flush=True)
-    print(f"\naim-ray peak heap growth N={ns[0]} -> N={ns[-1]}: {100 * (ours.peak_anon_mb / first - 1):+.1f}%")
+    if not args.skip_mergekit_heap:
+        print("\n## peak heap (anonymous RSS), ties density 0.5")
+        print("| N experts | aim-ray MB | mergekit MB | aim-ray s | mergekit s |")
+        print("|---|---|---|---|---|")
+        first = None
+        for n in ns:
+            cfg = method_yaml(work, "ties", base, experts, n)
+            ours = run_tool("aim-ray", cfg, work / "out")
+            theirs = run_tool("mergekit", cfg, work / "out")
+            first = first or ours.peak_anon_mb
+            print(f"| {n} | {ours.peak_anon_mb:.0f} | {theirs.peak_anon_mb:.0f} | {ours.seconds:.2f} | "
+                  f"{theirs.seconds:.2f} |", flush=True)
+        print(f"\naim-ray peak heap growth N={ns[0]} -> N={ns[-1]}: {100 * (ours.peak_anon_mb / first - 1):+.1f}%")
 
     print(f"\n## aim-ray peak heap of every streaming method, N={ns[0]} vs N={ns[-1]}")
     print(f"| method | N={ns[0]} MB | N={ns[-1]} MB | growth |")
