@@ -369,19 +369,24 @@ def test_stalled_merge_times_out_naming_the_worker(local_ray, job, tmp_path):
 # ------------------------------------------------------------------------------------- multi-node fault
 
 
+def _cluster(n_nodes: int, **node_args):
+    """A head (driver only, fast health checks) and `n_nodes` worker nodes; returns (cluster, nodes)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+    return cluster, [cluster.add_node(**node_args) for _ in range(n_nodes)]
+
+
 def test_node_removed_mid_merge_completes(job, reference, tmp_path, pools):
     """Head (driver only) + 2 worker nodes; SPREAD puts one worker on each. Removing one node mid-merge: its
     bundle is rescheduled on the surviving node, the actor restarts there and redoes its unfinished shards."""
-    from ray.cluster_utils import Cluster
-
     for pool in pools.values():  # this test needs its own cluster
         pool.close()
     pools.clear()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
-    nodes = [cluster.add_node(num_cpus=2, resources={"merge": 2}) for _ in range(2)]
+    cluster, nodes = _cluster(2, num_cpus=2, resources={"merge": 2})
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         pool = WorkerPool(ClusterOptions(workers=2, cpus_per_worker=1, gpus_per_worker=0, placement="spread",
@@ -412,13 +417,8 @@ def test_lost_node_without_capacity_moves_its_shards(job, reference, tmp_path):
     """3 nodes with exactly one worker slot each. Removing one mid-merge leaves its worker nowhere to restart
     (Ray would keep it RESTARTING forever): after lost_worker_grace_s the driver kills it, moves its shards to
     the two survivors, and the merge completes with the uninterrupted run's bytes."""
-    from ray.cluster_utils import Cluster
-
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
-    nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(3)]
+    cluster, nodes = _cluster(3, num_cpus=1, resources={"slot": 1})
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         pool = WorkerPool(ClusterOptions(workers=3, cpus_per_worker=1, gpus_per_worker=0, placement="spread",

@@ -233,15 +233,20 @@ def wait_for_shards(proc: subprocess.Popen, out: Path, count: int = 1, timeout: 
     raise AssertionError(f"no shard recorded within {timeout} s")
 
 
-def test_killed_driver_resumes_byte_identical(config, reference, tmp_path):
-    out = tmp_path / "out"
-    proc = start_slow_merge(config, out, delay=0.15)
+def kill_mid_merge(proc, config, out) -> tuple[list[int], int]:
+    """SIGKILL a merge once it has recorded a shard; returns (recorded shards, shard count)."""
     wait_for_shards(proc, out)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     done = recorded(out)
     n = len(job_of(config).shards)
     assert done and len(done) < n and not out.exists()
+    return done, n
+
+
+def test_killed_driver_resumes_byte_identical(config, reference, tmp_path):
+    out = tmp_path / "out"
+    done, n = kill_mid_merge(start_slow_merge(config, out, delay=0.15), config, out)
 
     result = merge_cli(config, out, "--resume")  # the dead run's lock is gone with it
     assert result.exit_code == 0, result.output
@@ -269,13 +274,7 @@ def test_killed_ray_driver_resumes_byte_identical(local_ray, config, reference, 
     from aim_ray.driver import ClusterOptions, WorkerPool, distributed_merge
 
     out = tmp_path / "out"
-    proc = _spawn(SLOW_RAY, str(config), str(out), local_ray, str(SHARD), "0.1")
-    wait_for_shards(proc, out)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    done = recorded(out)
-    n = len(job_of(config).shards)
-    assert done and len(done) < n and not out.exists()
+    done, n = kill_mid_merge(_spawn(SLOW_RAY, str(config), str(out), local_ray, str(SHARD), "0.1"), config, out)
 
     with WorkerPool(ClusterOptions(workers=2, cpus_per_worker=0.25, gpus_per_worker=0, ready_timeout_s=60)) as pool:
         resumed = distributed_merge(job_of(config), out, pool.options, pool=pool, resume=True, progress=False,

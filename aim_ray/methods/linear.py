@@ -8,6 +8,8 @@ equals `merged` up to one float32 rounding (<= 1 ulp of merged), and AIM can rel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import ConfigError
@@ -24,11 +26,16 @@ def linear_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
     return merged.sub_(inputs.base())
 
 
-def _check_weights(params: MethodParams) -> None:
-    total = sum(float(e["weight"]) for e in params.per_expert)
-    if params.shared["normalize"] and abs(total) < 1e-8:
-        raise ConfigError("the weights sum to 0, so normalize: true would divide by zero; change the weights "
-                          "or set normalize: false")
+def nonzero_weight_sum(flag: str) -> Callable[[MethodParams], None]:
+    """A parameter check: with `flag` (a normalising option) true, the weights must not sum to 0."""
+
+    def check(params: MethodParams) -> None:
+        total = sum(float(e["weight"]) for e in params.per_expert)
+        if params.shared[flag] and abs(total) < 1e-8:
+            raise ConfigError(f"the weights sum to 0, so {flag}: true would divide by zero; change the weights "
+                              f"or set {flag}: false")
+
+    return check
 
 
 register(MergeMethod(
@@ -41,5 +48,5 @@ register(MergeMethod(
     needs_base=False,
     reference="https://arxiv.org/abs/2203.05482",
     doc="weighted average of the models (model soup)",
-    extra_checks=(_check_weights,),
+    extra_checks=(nonzero_weight_sum("normalize"),),
 ))

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, register
+from .linear import nonzero_weight_sum
 
 
 def multislerp_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
@@ -76,13 +77,6 @@ def _antipodal(inputs: TensorInputs, params: MethodParams, weights: torch.Tensor
     return merged if params.has_base else merged.sub_(inputs.base())
 
 
-def _check_weights(params: MethodParams) -> None:
-    total = sum(float(e["weight"]) for e in params.per_expert)
-    if params.shared["normalize_weights"] and abs(total) < 1e-8:
-        raise ConfigError("the weights sum to 0, so normalize_weights: true would divide by zero; change the "
-                          "weights or set normalize_weights: false")
-
-
 register(MergeMethod(
     name="multislerp",
     fn=multislerp_merge,
@@ -95,5 +89,5 @@ register(MergeMethod(
     base_role="reference",
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     doc="weighted mean of the experts' directions on the hypersphere, scaled to their weighted mean norm",
-    extra_checks=(_check_weights,),
+    extra_checks=(nonzero_weight_sum("normalize_weights"),),
 ))
