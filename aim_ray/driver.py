@@ -410,10 +410,11 @@ def _abandon(refs: list[ray.ObjectRef], timeout_s: float = 120.0) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
-def _get(refs: Any, timeout: float | None = None) -> Any:
-    """`ray.get`, re-raising a user error (`AimRayError`) raised in a worker as itself (no Ray wrapper)."""
+def _get(refs: Any) -> Any:
+    """`ray.get` of refs a timed `ray.wait` found ready, re-raising a user error (`AimRayError`) raised in a
+    worker as itself (no Ray wrapper)."""
     try:
-        return ray.get(refs, timeout=timeout)
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, AimRayError):

@@ -152,10 +152,8 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
     refs = [e.model for e in entries]
     for ref, ckpt in zip(refs, experts):
         _check_architecture(base, ckpt, base_ref, ref)
-    vocab, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    vocab, tok_src, template = _tokenizer_plan(config, base, experts, refs, base_ref)
     vocab_rows = vocab.rows if vocab is not None else None
-    inputs = _unique([base, *experts], [base_ref, *refs])[1]
-    template = resolve_template(config.chat_template, [c.path for c in inputs])
     out_dtype = output_dtype(config, base)
     names = [n for n in base.names() if not n.endswith(IGNORED_SUFFIXES)]
     _check_tensor_sets(base, experts, refs, names, vocab_rows)
@@ -241,9 +239,8 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     names_of = [[n for n in c.names() if not n.endswith(IGNORED_SUFFIXES)] for c in [base, *experts]]
     plans, out_layers = plan_tensors(slices, names_of, resolver)
     resolver.emit_warnings()
-    vocab, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    vocab, tok_src, template = _tokenizer_plan(config, base, experts, refs, base_ref)
     vocab_rows = vocab.rows if vocab is not None else None
-    template = resolve_template(config.chat_template, [c.path for c in _unique([base, *experts], [base_ref, *refs])[1]])
     out_dtype = output_dtype(config, base)
     ckpts = [base, *experts]
     _check_plan(plans, ckpts, [base_ref, *refs], vocab_rows)
@@ -405,6 +402,14 @@ def _unique(ckpts: Sequence[Checkpoint], refs: Sequence[str]) -> tuple[list[str]
     return list(seen), list(seen.values())
 
 
+def _tokenizer_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
+                    base_ref: str) -> tuple[VocabPlan | None, Path, str | None]:
+    """(vocabulary plan, tokenizer folder, chat template) of the output, checked before anything is written."""
+    vocab, tok_src = _vocab_plan(config, base, experts, refs, base_ref)
+    inputs = _unique([base, *experts], [base_ref, *refs])[1]
+    return vocab, tok_src, resolve_template(config.chat_template, [c.path for c in inputs])
+
+
 def _vocab_plan(config: MergeConfig, base: Checkpoint, experts: Sequence[Checkpoint], refs: Sequence[str],
                 base_ref: str) -> tuple[VocabPlan | None, Path]:
     """The vocabulary plan (None: no tokenizer section, vocabularies must be equal) and the tokenizer's folder."""
@@ -500,9 +505,8 @@ class CheckpointInputs:
             self._checked.add(index)
         if self._aligned(index):
             return t
-        plan = self.job.vocab
-        return plan.permute(self._plan_model(index), lambda m: t if m == self._plan_model(index) else
-                            self._stored_of(m))
+        own = self._plan_model(index)
+        return self.job.vocab.permute(own, lambda m: t if m == own else self._stored_of(m))
 
     def _global(self, index: int) -> int:
         """The job-wide index (-1: the base) of this tensor's input `index` (slices renumber the inputs)."""
