@@ -26,6 +26,7 @@ from .checkpoint import DEFAULT_SHARD_SIZE
 from .config import MergeConfig
 from .engine import MergeJob, RelaxFn, pinned_revisions, prepare, set_merge_threads, write_shard
 from .errors import CalibrationError
+from .statistics import STATISTIC_KINDS, JobStatistics, start_stage
 
 # ---------------------------------------------------------------------------------------------- options
 
@@ -114,7 +115,9 @@ class LayerRangeWorker:
         self._stage, self._busy_s = None, 0.0
         runner = StageRunner(base, layer_start, layer_end, is_first=is_first, is_last=is_last, dtype=dtype,
                              device=resolve_device(device))
-        if kind == "sensitivity":
+        if kind in STATISTIC_KINDS:  # an expert's statistics (data-aware merges): a GramRecorder or FisherStage
+            self._stage = start_stage(runner, kind)
+        elif kind == "sensitivity":
             self._stage = SensitivityStage(runner)
         else:
             runner.start_recording()
@@ -144,12 +147,13 @@ class LayerRangeWorker:
         self._busy_s += time.perf_counter() - start
         return out
 
-    def sensitivity_last(self, payload: tuple[str, np.ndarray]) -> tuple[str, np.ndarray] | int:
-        """The last stage: forward, entropy loss, backward. Returns the gradient of its input hidden states
-        (0 when it is also the first stage)."""
+    def sensitivity_last(self, payload: tuple[str, np.ndarray], labels: tuple[str, np.ndarray] | None = None
+                         ) -> tuple[str, np.ndarray] | int:
+        """The last stage: forward, loss (entropy; the Fisher's next-token loss on `labels`), backward.
+        Returns the gradient of its input hidden states (0 when it is also the first stage)."""
         stage = self._stage_of(SensitivityStage)
         start = time.perf_counter()
-        grad = stage.last(from_wire(payload))
+        grad = stage.last(from_wire(payload), None if labels is None else from_wire(labels))
         self._busy_s += time.perf_counter() - start
         return 0 if grad is None else to_wire(grad)
 
@@ -171,6 +175,11 @@ class LayerRangeWorker:
             raise CalibrationError(f"worker {self.worker}: no calibration stage")
         return {name: t.numpy() for name, t in self._stage.scales().items()}
 
+    def get_aliases(self) -> dict[str, str]:
+        """Gram statistics: the modules that read another module's input (their matrix is that module's)."""
+        recorder = getattr(self._stage, "recorder", None)
+        return dict(getattr(recorder, "aliases", {}))
+
     def stop_calibration(self) -> None:
         """Drop the stage's weights before merging."""
         if isinstance(self._stage, StageRunner):
@@ -186,9 +195,13 @@ class LayerRangeWorker:
         return self._job
 
     def write_shard(self, config: MergeConfig, options: MergeOptions, work_dir: str, index: int,
-                    relax: RelaxFn | None, metadata: dict[str, str] | None) -> tuple[int, str, int]:
-        """Write shard `index` into the work dir; returns (index, sha256, pid)."""
-        digest = write_shard(self.job(config, options), Path(work_dir), index, relax, metadata)
+                    relax: RelaxFn | None, metadata: dict[str, str] | None,
+                    statistics: JobStatistics | None = None) -> tuple[int, str, int]:
+        """Write shard `index` into the work dir; returns (index, sha256, pid). `statistics`: the experts'
+        statistics of this shard's tensors (data-aware methods)."""
+        job = self.job(config, options)
+        job.statistics = statistics
+        digest = write_shard(job, Path(work_dir), index, relax, metadata)
         return index, digest, os.getpid()
 
 

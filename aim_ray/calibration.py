@@ -502,10 +502,25 @@ class StageRunner:
                     params[name] = p.requires_grad_(True)
         return params
 
-    def start_recording(self) -> None:
-        """Hook this stage's modules; every later forward adds its tokens to the scales."""
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every floating-point parameter of this stage (embeddings and biases too), by full HF name, set to
+        require gradients: what a Fisher or a mask covers. A tied `lm_head` is its own Parameter here."""
+        params = {}
+        for prefix, module in self.modules.items():
+            for pname, p in module.named_parameters(remove_duplicate=False):
+                if p.is_floating_point():
+                    params[f"{prefix}.{pname}" if prefix else pname] = p.requires_grad_(True)
+        return params
+
+    def start_recording(self, recorder: type | None = None) -> None:
+        """Hook this stage's modules; every later forward adds its tokens to the scales (or, with another
+        `recorder` class such as `statistics.GramRecorder`, to its statistics)."""
         self.stop_recording()
-        self._recorder = ActivationRecorder(self.scaled_modules())
+        self._recorder = (recorder or ActivationRecorder)(self.scaled_modules())
+
+    @property
+    def recorder(self) -> Any:
+        return self._recorder
 
     def scales(self) -> dict[str, torch.Tensor]:
         if self._recorder is None:
@@ -576,7 +591,7 @@ class SensitivityStage:
     def __init__(self, runner: StageRunner) -> None:
         self.runner = runner
         self.loss_scale = FP16_LOSS_SCALE if runner.dtype == torch.float16 else 1.0
-        self.params = runner.relaxed_parameters()
+        self.params = self._parameters(runner)
         self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                      for name, p in self.params.items()}
         self._inputs: dict[int, torch.Tensor] = {}
@@ -594,12 +609,26 @@ class SensitivityStage:
                                    f"kept for block {key} (worker restarted?)")
         return self._backprop(self._inputs.pop(key), grad_out)
 
-    def last(self, x: torch.Tensor) -> torch.Tensor | None:
+    def last(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward and backward of the stage that owns lm_head; `labels`: the block's token ids, for losses
+        that need them (the entropy does not)."""
         if not self.runner.is_last:
             raise CalibrationError("last() is for the stage that owns lm_head")
-        return self._backprop(x, None)
+        return self._backprop(x, None, labels)
 
-    def _backprop(self, x: torch.Tensor, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+    # What a subclass changes: the parameters it follows, the loss at the head, what a gradient adds.
+    @staticmethod
+    def _parameters(runner: StageRunner) -> dict[str, nn.Parameter]:
+        return runner.relaxed_parameters()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return entropy_loss(logits)
+
+    def _accumulate(self, name: str, grad: torch.Tensor) -> None:
+        self.sums[name] += grad.abs().float()
+
+    def _backprop(self, x: torch.Tensor, grad_out: torch.Tensor | None,
+                  labels: torch.Tensor | None = None) -> torch.Tensor | None:
         runner = self.runner
         wants_input = not runner.is_first
         if wants_input:  # a fresh leaf (x may be an inference tensor or a read-only wire buffer)
@@ -611,13 +640,13 @@ class SensitivityStage:
         with torch.enable_grad():
             out = runner.run(x)
             if grad_out is None:
-                loss = entropy_loss(out)
+                loss = self._loss(out, labels)
                 target, seed = (loss * self.loss_scale if self.loss_scale != 1.0 else loss), None
             else:
                 target, seed = out, grad_out.to(out.device, out.dtype)
             grads = torch.autograd.grad(target, inputs, grad_outputs=seed)
         for name, g in zip(self.params, grads, strict=False):
-            self.sums[name] += g.abs().float()
+            self._accumulate(name, g)
         return grads[-1].detach() if wants_input else None
 
     def scales(self) -> dict[str, torch.Tensor]:
@@ -774,10 +803,10 @@ def calibration_settings(ckpt: Checkpoint, dataset: str, n_samples: int, block_s
     `auto`) but not the device (float32 on cpu and cuda share a key) nor micro_batch."""
     return {"dataset": dataset_fingerprint(str(dataset), split), "n_samples": n_samples,
             "block_size": block_size, "n_blocks": n_blocks, "dtype": str(parse_dtype(dtype)),
-            "tokenizer": _tokenizer_fingerprint(ckpt.path), "shuffle_seed": SHUFFLE_SEED}
+            "tokenizer": tokenizer_fingerprint(ckpt.path), "shuffle_seed": SHUFFLE_SEED}
 
 
-def _tokenizer_fingerprint(path: Path) -> str:
+def tokenizer_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (path / name).is_file():

@@ -40,6 +40,14 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
+    # The model's own data, for the data-aware methods (regmean, fisher, trained localize_stitch): the
+    # calibration loader's settings, or just a dataset id / local file.
+    data: CalibrationConfig | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, v: Any) -> Any:
+        return {"dataset": v} if isinstance(v, str) else v
 
 
 class InputSlice(_Strict):

@@ -41,6 +41,7 @@ cluster some `ray start` left registered in /tmp/ray). An already initialised Ra
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -71,7 +72,7 @@ from .calibration import (
     scales_artifact,
     scales_cache_path,
 )
-from .checkpoint import DEFAULT_SHARD_SIZE, OutputDir, shard_filename
+from .checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, OutputDir, shard_filename
 from .config import CalibrationConfig, MergeConfig
 from .engine import MergeJob, RelaxFn, finalize, prepare
 from .errors import AimRayError, CalibrationError, CheckpointError, ClusterError, ConfigError
@@ -87,6 +88,7 @@ from .plan import (
 from .relaxer import aim_for_job
 from .resume import PROGRESS, Progress
 from .scales import Scales
+from .statistics import STATISTIC_KINDS, attach_statistics, finish_fisher
 
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
@@ -267,7 +269,8 @@ class WorkerPool:
     def calibrate(self, base: str, ranges: Sequence[LayerRange], blocks: torch.Tensor, micro_batch: int,
                   dtype: str = "float32", max_inflight: int | None = None,
                   attempts: int = 2, kind: str = "activation", device: str = "auto",
-                  timeout_s: float | None = None) -> dict[str, torch.Tensor]:
+                  timeout_s: float | None = None, aliases: dict[str, str] | None = None
+                  ) -> dict[str, torch.Tensor]:
         """Pipelined scales of `kind` over `ranges` (one stage per worker, in order; fewer ranges than workers
         use the first workers only, e.g. one whole-model stage). A failure inside the
         pipeline (a worker died and lost its sums) reruns the whole calibration, up to `attempts` times.
@@ -279,10 +282,12 @@ class WorkerPool:
             raise ValueError(f"{len(ranges)} ranges for {len(self.actors)} workers")
         stages = self.actors[:len(ranges)]
         timeout_s = timeout_s or self.options.call_timeout_s
-        if kind not in ("activation", "sensitivity"):
+        if kind not in ("activation", "sensitivity", *STATISTIC_KINDS):
             raise CalibrationError(f"aim.kind must be 'activation' or 'sensitivity', got {kind!r}")
         _, dtype = self.compute(device, dtype)
-        once = self._sensitivity_once if kind == "sensitivity" else self._calibrate_once
+        backward = kind in ("sensitivity", "fisher")
+        once = functools.partial(self._sensitivity_once, labels=kind == "fisher") if backward \
+            else self._calibrate_once
         for attempt in range(attempts):
             try:
                 self.get([a.start_calibration.remote(base, r.layers.start, r.layers.stop, r.has_embed, r.has_head,
@@ -292,6 +297,9 @@ class WorkerPool:
                 scales: dict[str, torch.Tensor] = {}
                 for part in self.get([a.get_scales.remote() for a in stages], timeout_s, "get_scales"):
                     scales.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
+                if aliases is not None:  # gram statistics: which modules share another's input matrix
+                    for part in self.get([a.get_aliases.remote() for a in stages], timeout_s, "get_aliases"):
+                        aliases.update(part)
                 self.get([a.stop_calibration.remote() for a in stages], timeout_s, "stop_calibration")
                 return scales
             except (ray.exceptions.RayActorError, CalibrationError):
@@ -313,7 +321,7 @@ class WorkerPool:
         self._pipeline_get(inflight, timeout_s)
 
     def _sensitivity_once(self, stages: Sequence[Any], blocks: torch.Tensor, micro_batch: int,
-                          max_inflight: int | None, timeout_s: float) -> None:
+                          max_inflight: int | None, timeout_s: float, labels: bool = False) -> None:
         """One block per step (|grad| is per block, as in process). Each actor runs its calls in submission
         order, so submitting forward(i + W) before backward(i) is what overlaps the stages; it cannot
         deadlock: backward(i) on stage k waits only on stage k+1's calls submitted before it."""
@@ -333,7 +341,8 @@ class WorkerPool:
             ref = ray.put(to_wire(blocks[i:i + 1]))
             for actor in body:
                 ref = actor.sensitivity_forward.remote(i, ref)
-            waiting.append((i, last.sensitivity_last.remote(ref)))
+            ids = ray.put(to_wire(blocks[i:i + 1])) if labels else None  # the Fisher's next-token targets
+            waiting.append((i, last.sensitivity_last.remote(ref, ids)))
             if len(waiting) >= window:
                 backward(*waiting.pop(0))
         for i, grad in waiting:
@@ -360,10 +369,13 @@ class WorkerPool:
         used up, or its node dead and no capacity to restart it elsewhere) go to the surviving workers."""
         self._check_shared_dir(work)
         cfg = ray.put(job.config)
-        relax_refs = _relax_per_shard(job, relax, [i for run in todo for i in run])
+        indices = [i for run in todo for i in run]
+        relax_refs = _relax_per_shard(job, relax, indices)
+        stats_refs = _statistics_per_shard(job, indices)
 
         def submit(k: int, index: int) -> ray.ObjectRef:
-            return self.actors[k].write_shard.remote(cfg, options, str(work), index, relax_refs[index], metadata)
+            return self.actors[k].write_shard.remote(cfg, options, str(work), index, relax_refs[index], metadata,
+                                                     stats_refs[index])
 
         run = ShardRun(self, submit)
         for k, indices in enumerate(todo):
@@ -446,6 +458,13 @@ def _relax_per_shard(job: MergeJob, relax: RelaxFn | None, indices: Sequence[int
         ref = ray.put(relax)
         return dict.fromkeys(indices, ref)
     return {i: ray.put(restrict([t.name for t in job.shards[i]])) for i in indices}
+
+
+def _statistics_per_shard(job: MergeJob, indices: Sequence[int]) -> dict[int, Any]:
+    """One object ref per shard holding only the experts' statistics of that shard's tensors."""
+    if job.statistics is None:
+        return dict.fromkeys(indices)
+    return {i: ray.put(job.statistics.restricted([t.name for t in job.shards[i]])) for i in indices}
 
 
 POLL_S = 1.0  # how often the merge loop looks at node health while no shard completes
@@ -653,6 +672,27 @@ def distributed_scales(pool: WorkerPool, job: MergeJob, calibration: Calibration
     return scales
 
 
+class PipelineCollector:
+    """Expert statistics on the pool: one pipeline pass per expert over the same stages as the calibration, so
+    no worker holds more than its own layer range; cached with the single-process path's key."""
+
+    def __init__(self, pool: WorkerPool, job: MergeJob) -> None:
+        self.pool = pool
+        self.ranges = calibration_ranges(job, len(pool.actors))
+
+    def dtype(self, data: CalibrationConfig) -> str:
+        return self.pool.compute(data.device, data.dtype)[1]
+
+    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        aliases: dict[str, str] = {}
+        tensors = self.pool.calibrate(model.ref, self.ranges, blocks, data.micro_batch, dtype, kind=kind,
+                                      device=data.device, aliases=aliases)
+        if kind == "fisher":
+            tensors = finish_fisher(model, tensors, int(blocks.shape[0]))
+        return tensors, aliases
+
+
 AimFn = Callable[["WorkerPool"], tuple[RelaxFn | None, dict[str, str], dict[str, Any]]]
 
 
@@ -693,6 +733,7 @@ def _merge_on(pool: WorkerPool, job: MergeJob, output: OutputDir, options: Merge
               on_done: Callable[[int, str, int], None] | None) -> Path:
     started = time.time()
     relax, metadata, report = aim(pool) if aim is not None else (None, {}, {})
+    report = {**report, **attach_statistics(job, PipelineCollector(pool, job))}
     calibrated = time.time()
     work = output.prepare()
     state = Progress(job, work, relax, metadata)

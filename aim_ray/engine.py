@@ -40,7 +40,7 @@ from .checkpoint import (
     write_index,
 )
 from .config import MergeConfig, ModelEntry
-from .errors import AimRayError, CheckpointError, ConfigError
+from .errors import AimRayError, CheckpointError, ConfigError, StatisticsError
 from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
@@ -57,6 +57,7 @@ from .slices import (
     is_scalar,
     plan_tensors,
 )
+from .statistics import JobStatistics, check_data
 from .vocab import VocabPlan, build_plan
 
 # Buffers some older checkpoints carry; they are recomputed by transformers and never merged.
@@ -94,6 +95,9 @@ class MergeJob:
     out_layers: int | None = None  # output decoder layers when a plan stacks or drops layers
     # False for a scratch output (a Tune trial model, scored then deleted): no fsync, no re-hash at commit.
     durable: bool = True
+    # The experts' statistics of a data-aware method (`aim_ray.statistics`), attached after `prepare` (a
+    # worker gets only its shard's, `JobStatistics.restricted`).
+    statistics: JobStatistics | None = None
 
     def input_of(self, name: str, index: int = -1) -> tuple[Checkpoint, str]:
         """(checkpoint, input tensor name) of input `index` (-1: the base) for output tensor `name`."""
@@ -140,6 +144,7 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
             all(e.model != config.base_model for e in config.models):
         raise ConfigError(f"base_model: merge_method {method.name} takes one model, and MergeKit adds a base_model "
                           f"missing from models as one more; list only the model (no base_model)")
+    _check_statistics(config, method)
     if config.slices is not None or _has_settings(config):
         return _prepare_planned(config, method, seed=seed, allow_pickle=allow_pickle, check_finite=check_finite,
                                 shard_size=shard_size, revisions=revisions)
@@ -161,6 +166,16 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
                                                                                                          names))]
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src,
                     vocab, template, seed, check_finite, shard_size)
+
+
+def _check_statistics(config: MergeConfig, method: MergeMethod) -> None:
+    """A data-aware method (regmean, fisher, ...) needs `data:` on every expert entry (files that exist)."""
+    if method.statistics is None:
+        return
+    if config.slices is not None:
+        raise ConfigError(f"merge_method {method.name} reads each model's data: use models:, not slices:")
+    entries, _ = _split_base(config, method)
+    check_data(method.name, [e.model for e in entries], [e.data for e in entries])
 
 
 def _split_base(config: MergeConfig, method: MergeMethod):
@@ -544,6 +559,18 @@ class CheckpointInputs:
 
     def mask_key(self, i: int) -> int:
         return mask_seed(self.job.seed, i, self.name)
+
+    def statistic(self, i: int) -> torch.Tensor | None:
+        """Expert i's statistics for this tensor (data-aware methods); None where it has none."""
+        if self.job.statistics is None:
+            raise StatisticsError(f"merge_method {self.job.method.name} needs the experts' statistics, and "
+                                  f"none were collected for this merge")
+        _, name = self.job.input_of(self.name, i)
+        return self.job.statistics.of(self._global(i), name)
+
+    def statistic_norm(self, i: int) -> float:
+        """The L2 norm of expert i's statistics over the whole model (Fisher merging normalises by it)."""
+        return self.job.statistics.norm(self._global(i))
 
     def stored(self, i: int) -> torch.Tensor | None:
         """Tensor i (-1: the base) as stored, memory-mapped; None where vocabulary rows must be aligned."""

@@ -20,6 +20,11 @@ class CalibrationError(AimRayError):
     """Calibration data or the model cannot be calibrated as asked."""
 
 
+class StatisticsError(AimRayError):
+    """Expert statistics of a data-aware merge (RegMean, Fisher, trained masks): missing or bad data, a singular
+    system, an unusable artifact."""
+
+
 class ScalesError(AimRayError):
     """A scales artifact does not match the base model it is applied to."""
 

@@ -61,6 +61,7 @@ def merge_settings(job: MergeJob, relax: RelaxFn | None = None,
             "output dtype": str(job.out_dtype),
             "shard plan": _digest(plan),
             "AIM relaxation (scales, omega)": relax_identity(relax),
+            "expert statistics (data-aware methods)": job.statistics.fingerprint() if job.statistics else "",
             "shard metadata": _digest(dict(metadata or {}))}
 
 

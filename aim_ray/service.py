@@ -15,6 +15,7 @@ from .checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, OutputDir
 from .config import MergeConfig, parse_config
 from .engine import model_dtype, prepare, run_merge, stored_vocab_rows
 from .relaxer import aim_for_job
+from .statistics import attach_statistics
 
 if TYPE_CHECKING:
     from .driver import ClusterOptions
@@ -41,6 +42,7 @@ def merge_from_config(cfg: MergeConfig, out: str | os.PathLike, *, seed: int = 0
             return distributed_merge(job, output, cluster, allow_pickle=allow_pickle, aim=pool_aim(job),
                                      progress=progress)
         relax, metadata, report = aim_for_job(job)
+        report.update(attach_statistics(job))
         return run_merge(job, output, relax=relax, metadata=metadata, report=report, progress=progress)
 
 

@@ -23,6 +23,7 @@ from ..errors import ConfigError, IgnoredParameterWarning
 from . import (  # noqa: F401  (registration)
     arcee_fusion,
     consensus,
+    fisher,
     karcher,
     linear,
     model_stock,
@@ -31,6 +32,7 @@ from . import (  # noqa: F401  (registration)
     nuslerp,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
     task_arithmetic,

@@ -46,6 +46,8 @@ class TensorInputs(Protocol):
     # stored(i) -> torch.Tensor | None: tensor i (-1: the base) as stored (bf16/f16/f32, not converted, not
     #     to be modified), or None when it must be converted first (e.g. vocabulary rows to align);
     # verify_finite() -> None: raise naming the input that holds NaN/Inf, if the merge checks for them.
+    # statistic(i) -> torch.Tensor | None: expert i's statistics for this tensor (methods with `statistics`
+    #     set: its Gram matrix, Fisher or mask; None where it has none, e.g. the Gram of a non-Linear tensor).
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class MergeMethod:
     mergekit: bool = True  # one of MergeKit's methods: parameters MergeKit ignores are ignored with a warning
     # fn returns the merged tensor itself, not a delta (passthrough): nothing for AIM to relax
     direct: bool = False
+    # The expert statistics a data-aware method reads (`aim_ray.statistics`: "gram", "fisher"); each model
+    # then needs `data:` in the config.
+    statistics: str | None = None
 
     def __post_init__(self) -> None:
         if self.base_role not in BASE_ROLES:
