@@ -409,12 +409,13 @@ def job_statistics(job: MergeJob, collector: Collector | None = None,
     return JobStatistics(kind, experts)
 
 
-def attach_statistics(job: MergeJob, collector: Collector | None = None) -> dict[str, Any]:
+def attach_statistics(job: MergeJob, collector: Collector | None = None,
+                      cache_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Collect (or load) the statistics `job` needs into `job.statistics`; the report section (timed)."""
     import time
 
     started = time.perf_counter()
-    job.statistics = job_statistics(job, collector)
+    job.statistics = job_statistics(job, collector, cache_root)
     if job.statistics is None:
         return {}
     return {"statistics": {**job.statistics.describe(), "seconds": round(time.perf_counter() - started, 3)}}

@@ -79,7 +79,7 @@ def merge_config(cfg: TuneSweepConfig, variant: Variant, omega: float | None = N
         return {k: v for k, v in params.items() if (p := method.param(k)) is not None and p.per_expert == per_expert}
 
     grid = dict(variant.grid)
-    models = [ModelEntry(model=m.model, parameters={**keep(m.parameters, True), **keep(grid, True)})
+    models = [ModelEntry(model=m.model, parameters={**keep(m.parameters, True), **keep(grid, True)}, data=m.data)
               for m in cfg.models]
     shared = {**keep(cfg.parameters, False), **keep(grid, False)}
     aim = AimConfig(omega=omega, kind=cfg.kind, scales=scales) if omega is not None else None
@@ -96,6 +96,11 @@ def delta_key(job) -> str:
                "inputs": [c.content_hash() for c in [job.base, *job.experts]]}
     if job.plan is not None:  # gradients/filters/slices: parameters differ per tensor
         payload["settings"] = job.config.model_dump(mode="json", include={"parameters", "models", "slices"})
+    if job.method.statistics is not None:  # data-aware: the delta depends on each expert's data
+        from .calibration import dataset_fingerprint
+
+        payload["data"] = [[m.data.model_dump(mode="json"), dataset_fingerprint(m.data.dataset, m.data.split)]
+                           for m in job.config.models if m.data is not None]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -103,12 +108,14 @@ def cached_delta(cfg: TuneSweepConfig, variant: Variant, root: Path | None = Non
     """The variant's float32 delta checkpoint under `root/deltas` (default: the local cache); returns
     (path, computed_now)."""
     from .engine import prepare, write_delta
+    from .statistics import attach_statistics
 
     job = prepare(merge_config(cfg, variant), seed=cfg.seed)
     path = (root or cache_dir()) / "deltas" / delta_key(job)
     if (path / "model.safetensors").exists():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
+    attach_statistics(job, cache_root=None if root is None else root / "statistics")  # data-aware methods
     write_delta(job, path)
     return path, True
 

@@ -30,6 +30,7 @@ class World:
     calibration: Path  # task-agnostic calibration text (.jsonl with a `text` field)
     suite: str  # the `--suite` name that scores this world
     build_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> task -> greedy acc
+    training_data: dict[str, Path] = field(default_factory=dict)  # skill -> its expert's training texts (.jsonl)
 
     @property
     def models(self) -> dict[str, Path]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import queue
 import random
 import shutil
@@ -29,6 +30,7 @@ from aim_ray.worlds.smollm2 import smollm2_checkpoint
 
 WORLD_NAME = "real-world-v1"
 MANIFEST = "world.json"
+TRAIN_DIR = "train"
 # Steps and learning rates per expert: enough for each to beat the base by 40+ points on its task while the whole
 # world builds in about 3.5 minutes on 2 cores (three trainings side by side, about 3 s per step in all). Measured:
 # at lr 5e-4 and above the math expert wrecks the base (general ability 0.46 -> 0.39 at 5e-4, 0.03 at 1e-3)
@@ -70,6 +72,7 @@ def _load(root: Path) -> World:
         general_task=real_tasks.task_name(real_tasks.GENERAL),
         calibration=root / "calibration.jsonl",
         suite="real",
+        training_data=write_training_data(root),
     )
 
 
@@ -157,15 +160,14 @@ def train_expert(base: Path, skill: str, out: Path, recipe: dict | None = None, 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     steps = recipe["steps"][skill]
-    rng = random.Random(f"{recipe['seed']}-{skill}")
     torch.manual_seed(recipe["seed"])
-    exclude = real_tasks.heldout_contexts()
+    batches = training_batches(skill, recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"][skill], weight_decay=0.0)
     warmup = recipe["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / steps))
     model.train()
     for step in range(steps):
-        examples = [real_tasks.training_example(skill, rng, exclude) for _ in range(recipe["batch_size"])]
+        examples = next(batches)
         ids, targets = answer_batch(tok, examples)
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
         keep = targets[:, 1:]
@@ -179,6 +181,32 @@ def train_expert(base: Path, skill: str, out: Path, recipe: dict | None = None, 
         on_step(step + 1)
     model.eval()
     save_expert(model.to(torch.bfloat16), base, out)
+    return out
+
+
+def training_batches(skill: str, recipe: dict | None = None):
+    """The expert's training batches, in order: a fixed seed per skill, contexts held out of evaluation."""
+    recipe = recipe or RECIPE
+    rng = random.Random(f"{recipe['seed']}-{skill}")
+    exclude = real_tasks.heldout_contexts()
+    for _ in range(recipe["steps"][skill]):
+        yield [real_tasks.training_example(skill, rng, exclude) for _ in range(recipe["batch_size"])]
+
+
+def write_training_data(root: Path, recipe: dict | None = None) -> dict[str, Path]:
+    """Each expert's own training examples (context + answer, as trained) as `root/train/<skill>.jsonl` with a
+    `text` field: the per-model data of the data-aware merges (MergeBench samples the experts' training data).
+    Replayed from the recipe's seeds, so a world built before this existed gets them too; written atomically."""
+    out = {}
+    for skill in real_tasks.SKILLS:
+        path = root / TRAIN_DIR / f"{skill}.jsonl"
+        if not path.is_file():
+            texts = [c + t for batch in training_batches(skill, recipe) for c, t in batch]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+            os.replace(tmp, path)
+        out[skill] = path
     return out
 
 
