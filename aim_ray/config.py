@@ -201,6 +201,8 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 
 
 def _resolve(ref: str | None, root: Path) -> str | None:
+    if ref is not None and "+" in ref and not (root / ref).exists() and not Path(ref).exists():
+        return "+".join(_resolve(part, root) or part for part in ref.split("+"))  # MergeKit's model+lora
     if ref is None or Path(ref).is_absolute():
         return ref
     candidate = root / ref
