@@ -198,6 +198,47 @@ def test_pickle_adapter_only_with_allow_pickle(fam, tmp_path):
     assert all(torch.equal(ckpt.read(n), safe.read(n)) for n in ckpt.names())
 
 
+@pytest.fixture
+def hub(fam, tmp_path, monkeypatch):
+    """The expert and its adapter as hub repos on a local hub (tests/fakehub.py), with an empty HF cache."""
+    from fakehub import FakeHub
+    from huggingface_hub import constants
+
+    server = FakeHub()
+    server.publish("aim-test/expert", fam["expert_0"])
+    server.publish("aim-test/lora", fam["adapter"])
+    server.start()
+    home, endpoint = tmp_path / "hf", server.endpoint
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_hub_model_and_adapter_are_pinned_together(hub, fam, tmp_path):
+    from aim_ray.engine import pinned_revisions
+
+    ref = "aim-test/expert+aim-test/lora"
+    ckpt, local = Checkpoint.open(ref), Checkpoint.open(f"{fam['expert_0']}+{fam['adapter']}")
+    assert all(torch.equal(ckpt.read(n), local.read(n)) for n in local.names())
+    assert ckpt.content_hash() == local.content_hash()  # same bytes, whether from the hub or a local copy
+    model, adapter = hub.main["aim-test/expert"], hub.main["aim-test/lora"]
+    assert ckpt.commit == f"{model}+{adapter}" and ckpt.ref == f"aim-test/expert@{model}+aim-test/lora@{adapter}"
+    job = prepare(load_merge_config_from(_merge_config(ref, fam)))
+    pins = pinned_revisions(job)
+    assert pins == {ref: ckpt.commit}
+    other = make_adapter(fam["expert_0"], tmp_path / "other", seed=9)
+    moved = hub.publish("aim-test/lora", other)  # main moves on between the driver and a worker
+    assert prepare(job.config, revisions=pins).experts[0].adapter.commit == adapter
+    assert Checkpoint.open(ref).adapter.commit == moved
+    assert Checkpoint.open(f"aim-test/expert+aim-test/lora@{adapter}").adapter.commit == adapter
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 
