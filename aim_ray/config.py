@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    model: str
+    model: str  # a directory or hub id (org/name[@rev]), or MergeKit's MODEL+LORA (`aim_ray.lora`)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
