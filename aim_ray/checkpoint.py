@@ -201,8 +201,13 @@ class Checkpoint:
     @classmethod
     def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None,
              allow_pickle: bool = False) -> Checkpoint:
-        """A local directory, else a hub id; `revision` (a pinned commit) overrides one in the id."""
+        """A local directory, else a hub id, else MergeKit's `model+lora` (a LoRA adapter applied as tensors are
+        read); `revision` (a pinned commit) overrides one in the id."""
         path = Path(path_or_id).expanduser()
+        if not path.exists() and "+" in str(path_or_id):  # MergeKit's model+lora (`lora.py`)
+            from .lora import open_lora_checkpoint
+
+            return open_lora_checkpoint(str(path_or_id), revision, allow_pickle)
         if not path.exists():
             repo_id, ref_revision = hub_reference(str(path_or_id))
             # hub.py builds on this module; imported on first use, so local runs never import huggingface_hub

@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    model: str
+    model: str  # a directory or hub id (org/name[@rev]), or MergeKit's MODEL+LORA (`aim_ray.lora`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     # The model's own data, for the data-aware methods (regmean, fisher, trained localize_stitch): the
     # calibration loader's settings, or just a dataset id / local file.
@@ -209,6 +209,8 @@ def load_merge_config(path: str | Path) -> MergeConfig:
 
 
 def _resolve(ref: str | None, root: Path) -> str | None:
+    if ref is not None and "+" in ref and not (root / ref).exists() and not Path(ref).exists():
+        return "+".join(_resolve(part, root) or part for part in ref.split("+"))  # MergeKit's model+lora
     if ref is None or Path(ref).is_absolute():
         return ref
     candidate = root / ref
