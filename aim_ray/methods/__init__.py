@@ -23,6 +23,7 @@ from ..errors import ConfigError, IgnoredParameterWarning
 from . import (  # noqa: F401  (registration)
     arcee_fusion,
     consensus,
+    iso,
     karcher,
     linear,
     model_stock,
@@ -34,6 +35,7 @@ from . import (  # noqa: F401  (registration)
     sce,
     slerp,
     task_arithmetic,
+    tsv,
     widen,
 )
 from .base import REGISTRY, MergeMethod, MethodParams, ParamSpec
