@@ -66,11 +66,13 @@ def family(tmp_path_factory):
     return build_tiny_family(tmp_path_factory.mktemp("dist"), "llama", n_experts=3, seed=5, num_layers=4)
 
 
-def _config(tmp: Path, base: Path, experts: list[Path], method: str = "dare_ties", aim: dict | None = None):
+def _config(tmp: Path, base: Path, experts: list[Path], method: str = "dare_ties", aim: dict | None = None,
+            params: dict | None = None):
     import yaml
 
+    params = {"weight": 0.6, "density": 0.5} if params is None else params
     data = {"merge_method": method, "base_model": str(base),
-            "models": [{"model": str(e), "parameters": {"weight": 0.6, "density": 0.5}} for e in experts]}
+            "models": [{"model": str(e), "parameters": params} for e in experts]}
     if aim:
         data["aim"] = aim
     path = tmp / f"{method}.yaml"
@@ -256,6 +258,21 @@ def test_slices_byte_identical_on_four_workers(method, pools, family, tmp_path):
     out = distributed_merge(job, tmp_path / "out", pools[4].options, pool=pools[4], progress=False)
     assert_same_checkpoint(ref, out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == (6 if method == "passthrough" else 3)
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_svd_merges_byte_identical_on_two_workers(method, pools, family, tmp_path):
+    """The single process (torch on 2 threads) and 2 workers (1 thread each) write the same bytes: the SVDs run
+    on one thread whatever the process's setting."""
+    job = prepare(_config(tmp_path, *family, method=method, params={"weight": 0.8}), shard_size=SHARD)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = run_merge(job, tmp_path / "ref", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    out = distributed_merge(job, tmp_path / "out", pools[2].options, pool=pools[2], progress=False)
+    assert_same_checkpoint(ref, out)
 
 
 # ----------------------------------------------------------------------------------------- calibration

@@ -64,7 +64,8 @@ def _params_for(method: str, n: int) -> tuple[list[dict], dict]:
         per = [{"weight": 1.0}] * n if method != "widen" else [{}] * n
     if method in ("nuslerp", "multislerp"):
         per = [{"weight": 1.0 + 0.5 * i} for i in range(n)]
-    if method in ("karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"):
+    if method in ("karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough", "tsv", "iso_c",
+                  "iso_cts"):
         per = [{}] * n
     shared = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "sce": {"select_topk": 0.5}}.get(method, {})
     return per, shared

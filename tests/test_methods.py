@@ -697,7 +697,8 @@ def test_registry_has_every_method():
     assert set(REGISTRY) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                              "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "widen",
                              "consensus_ta", "localize_stitch", "nuslerp", "multislerp", "karcher", "sce",
-                             "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"}
+                             "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough", "tsv", "iso_c",
+                             "iso_cts"}
 
 
 @pytest.mark.parametrize("method,expert,shared", [
@@ -721,6 +722,9 @@ def test_registry_has_every_method():
     ("arcee_fusion", {}, {}),
     ("ram", {}, {"epsilon": 1e-5}),
     ("ramplus_tl", {}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+    ("tsv", {"weight": 1.0}, {"alpha": 1.0}),
+    ("iso_c", {"weight": 1.0}, {"alpha": 1.0}),
+    ("iso_cts", {"weight": 1.0}, {"alpha": 1.0, "common_space_fraction": 0.8}),
 ])
 def test_omitted_parameters_get_defaults(method, expert, shared):
     needs_weight = REGISTRY[method].param("weight") is not None and REGISTRY[method].param("weight").required

@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (registration)
     arcee_fusion,
     consensus,
     fisher,
+    iso,
     karcher,
     linear,
     model_stock,
@@ -36,6 +37,7 @@ from . import (  # noqa: F401  (registration)
     sce,
     slerp,
     task_arithmetic,
+    tsv,
     widen,
 )
 from .base import REGISTRY, MergeMethod, MethodParams, ParamSpec
