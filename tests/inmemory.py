@@ -47,6 +47,17 @@ class InMemoryInputs:
     def mask_key(self, i: int) -> int:
         return mask_seed(self.seed, i, self.name)
 
+    # Data-aware methods: expert i's statistics for this tensor (set `statistics`, and `statistic_norms`
+    # for the Fisher's model-wide norm) -- what `engine.CheckpointInputs` reads from the collected artifacts.
+    statistics: Sequence[torch.Tensor] | None = None
+    statistic_norms: Sequence[float] | None = None
+
+    def statistic(self, i: int) -> torch.Tensor | None:
+        return None if self.statistics is None else self.statistics[i]
+
+    def statistic_norm(self, i: int) -> float:
+        return 1.0 if self.statistic_norms is None else self.statistic_norms[i]
+
     def stored(self, i: int) -> torch.Tensor:
         """The stored tensor itself (the fused path reads it in place): counted as one read."""
         if i < 0:

@@ -684,10 +684,24 @@ def test_streaming_memory_independent_of_n(method):
     per = [{"weight": 1.0, "density": 0.5} if "weight" in {p.name for p in REGISTRY[method].params if
                                                            p.per_expert} else {} for _ in range(n)]
     per = [{k: v for k, v in e.items() if REGISTRY[method].param(k)} for e in per]
+    inputs.statistics = synthetic_statistics(REGISTRY[method].statistics, (32, 24), n)
     merge(method, inputs, per)
     assert max(inputs.reads) <= PASSES.get(method, 2), inputs.reads  # at most two passes (sce: three)
     assert min(inputs.reads) >= 1
     assert inputs.max_alive <= 3, inputs.max_alive  # never more than a few expert-sized tensors at once
+
+
+def synthetic_statistics(kind: str | None, shape: tuple[int, ...], n: int) -> list[torch.Tensor] | None:
+    """Stand-ins for the collected statistics (gram: SPD [in, in]; fisher: positive, the tensor's shape)."""
+    g = torch.Generator().manual_seed(n)
+    if kind == "gram":
+        xs = [torch.randn(64, shape[-1], generator=g) for _ in range(n)]
+        return [x.T @ x / 64 for x in xs]
+    if kind == "fisher":
+        return [torch.rand(shape, generator=g) for _ in range(n)]
+    if kind is None:
+        return None
+    return [(torch.rand(shape, generator=g) > 0.5).float() for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------- parameters, defaults
@@ -698,7 +712,7 @@ def test_registry_has_every_method():
                              "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "widen",
                              "consensus_ta", "localize_stitch", "nuslerp", "multislerp", "karcher", "sce",
                              "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough", "tsv", "iso_c",
-                             "iso_cts"}
+                             "iso_cts", "regmean", "fisher"}
 
 
 @pytest.mark.parametrize("method,expert,shared", [
@@ -725,6 +739,8 @@ def test_registry_has_every_method():
     ("tsv", {"weight": 1.0}, {"alpha": 1.0}),
     ("iso_c", {"weight": 1.0}, {"alpha": 1.0}),
     ("iso_cts", {"weight": 1.0}, {"alpha": 1.0, "common_space_fraction": 0.8}),
+    ("regmean", {"weight": 1.0}, {"alpha": 0.9}),
+    ("fisher", {"weight": 1.0}, {"epsilon": 1e-6, "normalize": True}),
 ])
 def test_omitted_parameters_get_defaults(method, expert, shared):
     needs_weight = REGISTRY[method].param("weight") is not None and REGISTRY[method].param("weight").required
