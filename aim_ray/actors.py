@@ -26,6 +26,7 @@ from .checkpoint import DEFAULT_SHARD_SIZE
 from .config import MergeConfig
 from .engine import MergeJob, RelaxFn, pinned_revisions, prepare, set_merge_threads, write_shard
 from .errors import CalibrationError
+from .localize import MaskStage, MaskTraining
 from .statistics import STATISTIC_KINDS, JobStatistics, start_stage
 
 # ---------------------------------------------------------------------------------------------- options
@@ -122,6 +123,22 @@ class LayerRangeWorker:
         else:
             runner.start_recording()
             self._stage = runner
+
+    def start_mask_training(self, base: str, expert: str, layer_start: int, layer_end: int, is_first: bool,
+                            is_last: bool, dtype: str, training: MaskTraining, device: str = "auto") -> None:
+        """Localize-and-Stitch: this range of the base, with `expert`'s mask logits at their top-k start."""
+        self._stage, self._busy_s = None, 0.0
+        runner = StageRunner(base, layer_start, layer_end, is_first=is_first, is_last=is_last, dtype=dtype,
+                             device=resolve_device(device))
+        self._stage = MaskStage(runner, expert, training)
+
+    def update_masks(self) -> None:
+        """One step on this range's mask logits from the epoch's gradients (the driver calls it once the
+        epoch's blocks have left every stage)."""
+        stage = self._stage_of(MaskStage)
+        start = time.perf_counter()
+        stage.update()
+        self._busy_s += time.perf_counter() - start
 
     def _stage_of(self, kind: type) -> Any:
         if not isinstance(self._stage, kind):  # e.g. this actor was restarted mid-pipeline: its sums are gone

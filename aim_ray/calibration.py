@@ -729,6 +729,16 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the block's tokens of -log p(next token), computed in float32."""
+    if labels is None:
+        raise CalibrationError("the next-token loss (Fisher, trained masks) needs the block's token ids at the "
+                               "last stage")
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
 def collect_sensitivity_scales(base: str | os.PathLike | Checkpoint, blocks: torch.Tensor,
                                dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                                layer_ranges: Sequence[tuple[int, int]] | None = None

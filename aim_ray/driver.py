@@ -76,6 +76,7 @@ from .checkpoint import DEFAULT_SHARD_SIZE, Checkpoint, OutputDir, shard_filenam
 from .config import CalibrationConfig, MergeConfig
 from .engine import MergeJob, RelaxFn, finalize, prepare
 from .errors import AimRayError, CalibrationError, CheckpointError, ClusterError, ConfigError
+from .localize import MaskTraining
 from .plan import (
     LayerRange,
     ServicePlan,
@@ -302,6 +303,33 @@ class WorkerPool:
                         aliases.update(part)
                 self.get([a.stop_calibration.remote() for a in stages], timeout_s, "stop_calibration")
                 return scales
+            except (ray.exceptions.RayActorError, CalibrationError):
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def train_masks(self, base: str, expert: str, ranges: Sequence[LayerRange], blocks: torch.Tensor,
+                    training: MaskTraining, dtype: str = "float32", device: str = "auto", attempts: int = 2,
+                    timeout_s: float | None = None) -> dict[str, torch.Tensor]:
+        """`expert`'s Localize-and-Stitch masks over `base` (`localize.MaskStage`, one stage per range). Each
+        epoch pipelines every block forward and backward (labels: the token ids), then updates every stage once
+        the epoch's blocks have drained: the masks do not depend on the number of stages. Reruns from scratch
+        on a lost worker, as `calibrate`."""
+        stages = self.actors[:len(ranges)]
+        timeout_s = timeout_s or self.options.call_timeout_s
+        for attempt in range(attempts):
+            try:
+                self.get([a.start_mask_training.remote(base, expert, r.layers.start, r.layers.stop, r.has_embed,
+                                                       r.has_head, dtype, training, device)
+                          for a, r in zip(stages, ranges, strict=True)], timeout_s, "loading the mask stages")
+                for _ in range(training.epochs):
+                    self._sensitivity_once(stages, blocks, 1, None, timeout_s, labels=True)
+                    self.get([a.update_masks.remote() for a in stages], timeout_s, "update_masks")
+                masks: dict[str, torch.Tensor] = {}
+                for part in self.get([a.get_scales.remote() for a in stages], timeout_s, "get_scales"):
+                    masks.update({name: torch.from_numpy(np.array(arr)) for name, arr in part.items()})
+                self.get([a.stop_calibration.remote() for a in stages], timeout_s, "stop_calibration")
+                return masks
             except (ray.exceptions.RayActorError, CalibrationError):
                 if attempt == attempts - 1:
                     raise
@@ -683,8 +711,11 @@ class PipelineCollector:
     def dtype(self, data: CalibrationConfig) -> str:
         return self.pool.compute(data.device, data.dtype)[1]
 
-    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str
+    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str,
+                base: Checkpoint | None = None, training: MaskTraining | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        if kind == "mask":
+            return self.pool.train_masks(base.ref, model.ref, self.ranges, blocks, training, dtype, data.device), {}
         aliases: dict[str, str] = {}
         tensors = self.pool.calibrate(model.ref, self.ranges, blocks, data.micro_batch, dtype, kind=kind,
                                       device=data.device, aliases=aliases)

@@ -8,6 +8,9 @@
   A tied embedding is two Parameters in the stages (embedding and head, possibly on different workers): its
   Fisher is the sum of the two squared gradients, i.e. the cross term `2 g_embed g_head` of the exact
   `(g_embed + g_head)^2` is left out, so that no stage needs another stage's gradient.
+- `mask` (Localize-and-Stitch with trained masks): per localized parameter a bool mask trained on the expert's
+  data over the base (`aim_ray.localize`). It depends on the base too, and on the training hyperparameters:
+  both are in its settings, hence in its cache key.
 
 Like the AIM scales, each model's statistics are an artifact (safetensors + provenance), cached under
 `$AIM_RAY_CACHE/statistics/<key>.safetensors`, the key being the sha256 of the model's content hash, the data
@@ -43,18 +46,20 @@ from .calibration import (
     iter_micro_batches,
     load_calibration_blocks,
     load_tokenizer,
+    next_token_loss,
     resolve_compute,
     tokenizer_fingerprint,
 )
 from .checkpoint import TOKENIZER_FILES, Checkpoint, cache_dir, parse_dtype
 from .config import CalibrationConfig
 from .errors import CalibrationError, StatisticsError
+from .localize import MaskTraining, mask_training, train_masks
 from .scales import open_checkpoint
 
 if TYPE_CHECKING:
     from .engine import MergeJob
 
-STATISTIC_KINDS = ("gram", "fisher")
+STATISTIC_KINDS = ("gram", "fisher", "mask")
 FORMAT = "aim-ray-statistics/1"
 
 
@@ -102,15 +107,6 @@ class GramRecorder:
         self._handles.clear()
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the block's tokens of -log p(next token), computed in float32."""
-    if labels is None:
-        raise CalibrationError("the Fisher needs the block's token ids at the last stage")
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-
 class FisherStage(SensitivityStage):
     """Sum over blocks of the squared gradient of the block's mean next-token log-likelihood, for every
     floating-point parameter of one stage. The same stage-by-stage backward as the sensitivity scales."""
@@ -139,7 +135,8 @@ def start_stage(runner: StageRunner, kind: str) -> Any:
         return runner
     if kind == "fisher":
         return FisherStage(runner)
-    raise StatisticsError(f"statistics kind must be one of {STATISTIC_KINDS}, got {kind!r}")
+    raise StatisticsError(f"statistics kind {kind!r} has no stage of its own here (gram, fisher; masks: "
+                          f"localize.MaskStage)")
 
 
 def finish_fisher(ckpt: Checkpoint, sums: Mapping[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Tensor]:
@@ -227,7 +224,7 @@ class ModelStatistics:
 
     def of(self, tensor: str) -> torch.Tensor | None:
         """The statistics a merge uses for checkpoint tensor `tensor` (None: the method's fallback)."""
-        if self.kind == "fisher":
+        if self.kind in ("fisher", "mask"):  # keyed by tensor name
             return self.tensors.get(tensor)
         if not tensor.endswith(".weight"):
             return None
@@ -237,7 +234,7 @@ class ModelStatistics:
     def keys_for(self, tensors: Sequence[str]) -> set[str]:
         keys = set()
         for t in tensors:
-            if self.kind == "fisher":
+            if self.kind in ("fisher", "mask"):
                 keys.add(t)
             elif t.endswith(".weight"):
                 module = t.removesuffix(".weight")
@@ -357,8 +354,10 @@ class Collector(Protocol):
         """The resolved compute dtype for `data` (part of the cache key)."""
         ...
 
-    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str
+    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str,
+                base: Checkpoint | None = None, training: MaskTraining | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """`base` and `training`: kind "mask" only (the masks are trained over the base)."""
         ...
 
 
@@ -368,25 +367,33 @@ class InProcess:
     def dtype(self, data: CalibrationConfig) -> str:
         return resolve_compute(data.device, data.dtype)[1]
 
-    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str
+    def collect(self, model: Checkpoint, blocks: torch.Tensor, kind: str, data: CalibrationConfig, dtype: str,
+                base: Checkpoint | None = None, training: MaskTraining | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         device, _ = resolve_compute(data.device, dtype)
+        if kind == "mask":
+            return train_masks(base, model, blocks, training, None, dtype, device), {}
         return collect_statistics(model, blocks, kind, None, data.micro_batch, dtype, device)
 
 
 def model_statistics(model: Checkpoint, base: Checkpoint, data: CalibrationConfig, kind: str, label: str,
-                     collector: Collector | None = None, cache_root: str | os.PathLike | None = None
-                     ) -> ModelStatistics:
-    """`model`'s statistics of `kind` on `data`, from the cache or collected and cached."""
+                     collector: Collector | None = None, cache_root: str | os.PathLike | None = None,
+                     training: MaskTraining | None = None) -> ModelStatistics:
+    """`model`'s statistics of `kind` on `data`, from the cache or collected and cached. Kind "mask" needs
+    `training`; its key also holds the base's content hash and the training hyperparameters."""
     collector = collector or InProcess()
     dtype = collector.dtype(data)
     tok = tokenizer_dir(model, base)
     settings = data_settings(data, tok, dtype)
+    if kind == "mask":
+        if training is None:
+            raise StatisticsError("mask statistics need their training hyperparameters")
+        settings.update(base=base.content_hash(), training=training.settings())
     path = statistics_cache_path(model, settings, kind, cache_root)
     if path.exists():
         return ModelStatistics.load(path)
     blocks = data_blocks(data, tok, label)
-    tensors, aliases = collector.collect(model, blocks, kind, data, dtype)
+    tensors, aliases = collector.collect(model, blocks, kind, data, dtype, base=base, training=training)
     stats = ModelStatistics(tensors, kind, model.source, model.content_hash(), settings, aliases,
                             int(blocks.shape[0]))
     stats.save(path)
@@ -404,8 +411,8 @@ def job_statistics(job: MergeJob, collector: Collector | None = None,
     for entry in job.config.models or []:
         data_of.setdefault(entry.model, entry.data)
     experts = [model_statistics(ckpt, job.base, data_of[ref], kind, f"models entry {ref!r}", collector,
-                                cache_root)
-               for ref, ckpt in zip(job.expert_refs, job.experts, strict=True)]
+                                cache_root, mask_training(job, i) if kind == "mask" else None)
+               for i, (ref, ckpt) in enumerate(zip(job.expert_refs, job.experts, strict=True))]
     return JobStatistics(kind, experts)
 
 

@@ -13,13 +13,20 @@ https://arxiv.org/abs/2408.13656), dataless variant: per task keep the top `dens
 (mask g_t, k = max(1, int(density * numel)), ties as in `sparsify.rank_mask`), then stitch with overlaps
 averaged: delta = sum_t g_t tau_t / max(1, sum_t g_t). Default density 0.1: the sparsity MergeBench runs
 the dataless variant with. One pass.
+
+localize_stitch_trained (the same paper, with data): the same stitch with the masks m_t trained on each
+expert's data from that top-k start (`aim_ray.localize`, statistics kind "mask"):
+delta = sum_t m_t tau_t / max(1, sum_t m_t). Tensors no mask covers (the embeddings) keep the base value, as
+in the authors' code. The training hyperparameters are the method's parameters and part of the masks' cache key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StatisticsError
 from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, register
 from .sparsify import rank_mask
 
@@ -41,17 +48,43 @@ def consensus_ta_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tens
     return mtl
 
 
-def localize_stitch_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
+def stitch(inputs: TensorInputs, masked: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum_t m_t tau_t / max(1, sum_t m_t) over the (tau_t, bool m_t) pairs (read one expert at a time); zeros
+    when there are none."""
     total = count = None
     count_dtype = torch.uint8 if inputs.n_experts <= 255 else torch.int16
-    for i in range(inputs.n_experts):
-        tau = inputs.task_vector(i)
-        mask = rank_mask(tau.abs(), max(1, int(params.expert(i, "density") * tau.numel())))
+    for tau, mask in masked:
         tau.masked_fill_(~mask, 0.0)
         total = tau if total is None else total.add_(tau)
         count = mask.to(count_dtype) if count is None else count.add_(mask)
         del tau, mask
+    if total is None:
+        return torch.zeros_like(inputs.base())
     return total.div_(count.clamp_(min=1))
+
+
+def localize_stitch_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
+    def top_k() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(inputs.n_experts):
+            tau = inputs.task_vector(i)
+            yield tau, rank_mask(tau.abs(), max(1, int(params.expert(i, "density") * tau.numel())))
+
+    return stitch(inputs, top_k())
+
+
+def localize_stitch_trained_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
+    def trained() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(inputs.n_experts):
+            mask = inputs.statistic(i)
+            if mask is None:  # not localized (embeddings): the task vector is dropped
+                continue
+            tau = inputs.task_vector(i)
+            if mask.shape != tau.shape:
+                raise StatisticsError(f"localize_stitch_trained: the mask of {inputs.name!r} (expert {i}) has shape "
+                                      f"{tuple(mask.shape)}, the tensor {tuple(tau.shape)}")
+            yield tau, mask.to(torch.bool)
+
+    return stitch(inputs, trained())
 
 
 def _check_k(params: MethodParams) -> None:
@@ -83,4 +116,22 @@ register(MergeMethod(
     params=(ParamSpec("density", per_expert=True, default=0.1, low=0.0, high=1.0, low_open=True),),
     reference="https://arxiv.org/abs/2408.13656",
     doc="dataless Localize-and-Stitch: top-density |tau| per task, overlaps averaged",
+))
+
+register(MergeMethod(
+    name="localize_stitch_trained",
+    mergekit=False,
+    fn=localize_stitch_trained_merge,
+    # MergeBench's LLM settings (`aim_ray.localize` says why, and where they differ from the authors' code).
+    params=(
+        ParamSpec("density", per_expert=True, default=0.1, low=0.0, high=1.0, low_open=True),
+        ParamSpec("sigmoid_bias", per_expert=False, default=3.0, low=0.0, low_open=True),
+        ParamSpec("lr", per_expert=False, default=1e8, low=0.0),
+        ParamSpec("l1_strength", per_expert=False, default=0.0, low=0.0),
+        ParamSpec("epochs", per_expert=False, default=1, low=0, kind=int),
+    ),
+    statistics="mask",
+    reference="https://arxiv.org/abs/2408.13656",
+    doc="Localize-and-Stitch with masks trained on each model's data (sigmoid-relaxed, from the top-density "
+        "|tau|, L1 penalty), overlaps averaged",
 ))
