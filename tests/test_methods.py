@@ -712,7 +712,7 @@ def test_registry_has_every_method():
                              "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp", "widen",
                              "consensus_ta", "localize_stitch", "nuslerp", "multislerp", "karcher", "sce",
                              "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough", "tsv", "iso_c",
-                             "iso_cts", "regmean", "fisher"}
+                             "iso_cts", "regmean", "fisher", "localize_stitch_trained"}
 
 
 @pytest.mark.parametrize("method,expert,shared", [
@@ -741,6 +741,7 @@ def test_registry_has_every_method():
     ("iso_cts", {"weight": 1.0}, {"alpha": 1.0, "common_space_fraction": 0.8}),
     ("regmean", {"weight": 1.0}, {"alpha": 0.9}),
     ("fisher", {"weight": 1.0}, {"epsilon": 1e-6, "normalize": True}),
+    ("localize_stitch_trained", {"density": 0.1}, {"sigmoid_bias": 3.0, "lr": 1e8, "l1_strength": 0.0, "epochs": 1}),
 ])
 def test_omitted_parameters_get_defaults(method, expert, shared):
     needs_weight = REGISTRY[method].param("weight") is not None and REGISTRY[method].param("weight").required
