@@ -264,6 +264,14 @@ class EvalConfig(_Strict):
     tensor_parallel_size: int = Field(1, gt=0)
     allow_code_execution: bool = False
     include_path: str | None = None  # extra lm-eval task YAMLs
+    # general-ability tasks (each one of the evaluated tasks): every trial reports MergeBench's forgetting on
+    # them against the base model (`metrics.forgetting`); empty: no forgetting columns
+    general_tasks: list[str] = Field(default_factory=list)
+
+    @field_validator("general_tasks")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
 
 class TuneSweepConfig(_Strict):
@@ -275,7 +283,7 @@ class TuneSweepConfig(_Strict):
         method_grid: {density: [0.5, 0.7]}      # optional, applied to every expert
         omegas: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
         calibration: {n_samples: 256, block_size: 512}
-        eval: {suite: paper, backend: vllm, num_gpus: 1}
+        eval: {suite: paper, backend: vllm, num_gpus: 1, general_tasks: [mmlu]}
     """
 
     base_model: str

@@ -55,7 +55,8 @@ def demo_config(world: World, setup: DemoSetup | None = None, methods=None, omeg
         "parameters": {"normalize": False},
         "omegas": list(omegas or setup.omegas),
         "calibration": {"dataset": str(world.calibration), **setup.calibration},
-        "eval": {"suite": world.suite, "backend": "hf", "include_path": str(world.tasks_dir), **setup.eval},
+        "eval": {"suite": world.suite, "backend": "hf", "include_path": str(world.tasks_dir),
+                 "general_tasks": [world.general_task], **setup.eval},  # forgetting: measured on the general task
         "max_concurrent_trials": concurrent,
         "trial_cpus": 0.5 if concurrent else 1.0,
         # the general task has no expert: the base is its reference
@@ -88,29 +89,60 @@ def run_demo(out: Path, world: str = "real", overwrite: bool = True) -> Any:
     return result
 
 
+# MergeBench's three measures (normalised performance, forgetting, runtime) next to the HV Gain; a sweep without
+# general tasks has no forgetting columns, one from an older aim-ray no runtime columns
+MEASURES = ("hv_gain", "normalized_performance", "forgetting", "general_retention", "algorithm_seconds",
+            "validation_seconds")
+
+
 def reading(table, general_task: str) -> list[dict[str, Any]]:
-    """Per method: the best omega by HV Gain, its HV Gain and general-ability score, and omega = 1's."""
+    """Per method: the best omega by HV Gain with its general-ability score and every measure of `MEASURES` the
+    table has, and the same for omega = 1 (keys prefixed `plain_`)."""
     general = f"score/{general_task}"
+    measures = [m for m in MEASURES if m in table]
     rows = []
     for method, trials in table.groupby("method", sort=True):
         best = trials.sort_values(["hv_gain", "omega"], ascending=[False, False], kind="stable").iloc[0]
         plain = trials[trials["omega"] == 1.0]
-        row = {"method": method, "best_omega": float(best["omega"]), "hv_gain": float(best["hv_gain"]),
-               "general": float(best[general])}
+        row = {"method": method, "best_omega": float(best["omega"]), "general": float(best[general]),
+               **{m: float(best[m]) for m in measures}}
         if len(plain):
-            row.update(plain_hv_gain=float(plain.iloc[0]["hv_gain"]), plain_general=float(plain.iloc[0][general]))
+            row.update(plain_general=float(plain.iloc[0][general]),
+                       **{f"plain_{m}": float(plain.iloc[0][m]) for m in measures})
         rows.append(row)
     return rows
+
+
+def _measures(r: dict[str, Any], prefix: str = "") -> str:
+    """One trial's measures as `reading` gives them: HV Gain, normalised performance, general score with its
+    forgetting, algorithm vs validation seconds."""
+    def get(key: str) -> float | None:
+        return r.get(prefix + key)
+
+    text = f"HV Gain {get('hv_gain'):.4f}"
+    if get("normalized_performance") is not None:
+        text += f", norm. perf. {get('normalized_performance'):.3f}"
+    text += f", general {get('general'):.3f}"
+    if get("forgetting") is not None:
+        text += f" (forgetting {get('forgetting'):+.3f}, retention {get('general_retention'):.3f})"
+    if get("algorithm_seconds") is not None:
+        text += f", algorithm {get('algorithm_seconds'):.1f} s vs validation {get('validation_seconds'):.1f} s"
+    return text
 
 
 def print_reading(result, world: World, echo=click.echo) -> None:
     if not len(result.table):
         return
     base_general = result.population[str(world.base)][world.general_task]
-    echo(f"\nreading ({world.general_task} = general ability; the base scores {base_general:.3f}):")
+    echo(f"\nreading ({world.general_task} = general ability; the base scores {base_general:.3f}; forgetting = "
+         f"base - merged on it, retention = merged / base):")
     for r in reading(result.table, world.general_task):
-        line = f"  {r['method']:<16} best omega {r['best_omega']:.1f}: HV Gain {r['hv_gain']:.4f}, general " \
-               f"{r['general']:.3f}"
+        echo(f"  {r['method']:<16} best omega {r['best_omega']:.1f}: {_measures(r)}")
         if "plain_hv_gain" in r:
-            line += f"  | omega 1.0 (no AIM): HV Gain {r['plain_hv_gain']:.4f}, general {r['plain_general']:.3f}"
-        echo(line)
+            echo(f"  {'':<16} omega 1.0 (no AIM): {_measures(r, 'plain_')}")
+    if result.runtime:
+        rt = result.runtime
+        share = rt["validation_seconds"] / max(rt["algorithm_seconds"] + rt["validation_seconds"], 1e-9)
+        echo(f"  runtime (MergeBench's split): algorithm {rt['algorithm_seconds']:.1f} s (AIM calibration, "
+             f"statistics + merges once per variant, relax + write per trial) vs validation "
+             f"{rt['validation_seconds']:.1f} s ({share:.0%} of the sweep spent evaluating)")

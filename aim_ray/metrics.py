@@ -83,6 +83,39 @@ def normalized_performance(
     return float(np.mean(ratios))
 
 
+def forgetting(merged: Mapping[str, float], base: Mapping[str, float], general_tasks: Sequence[str]
+               ) -> dict[str, float]:
+    """MergeBench's forgetting: how much general ability the merged model lost against the base model.
+
+    Returns, over `general_tasks` (the tasks no expert specialises in; none -> an empty dict):
+    - `forgetting/<task>`: base score - merged score, in score points of the [0, 1] scale (positive = lost,
+      negative = the merge improved on the base);
+    - `forgetting`: the mean of those;
+    - `general_retention`: the mean over the tasks of merged / base score (1.0 = all kept). A task the base
+      scores 0 on has no ratio and is left out of this mean (NaN when every task is).
+
+    MergeBench scores the merged models on general-ability benchmarks and reads them against the base model
+    ("knowledge retention"); the copies of the paper reachable here give only its abstract, not the formula, so
+    both forms are reported: the difference (`forgetting`, what the issue asks) and the ratio to the base
+    (`general_retention`, the same normalisation as MergeBench's normalised performance, with the base as the
+    reference)."""
+    tasks = list(dict.fromkeys(general_tasks))  # a task listed twice counts once
+    out: dict[str, float] = {}
+    ratios = []
+    for task in tasks:
+        for who, scores in (("merged model", merged), ("base model", base)):
+            if task not in scores:
+                raise ConfigError(f"the {who} has no score for general task {task!r}")
+        out[f"forgetting/{task}"] = float(base[task] - merged[task])
+        if base[task] != 0:
+            ratios.append(merged[task] / base[task])
+    if tasks:
+        lost = [out[f"forgetting/{t}"] for t in tasks]
+        out["forgetting"] = float(sum(lost) / len(lost))
+        out["general_retention"] = float(sum(ratios) / len(ratios)) if ratios else float("nan")
+    return out
+
+
 # ---- results tables (rows with model, task, value[, metric]) ----
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,22 @@ def merge_config(cfg: TuneSweepConfig, variant: Variant, omega: float | None = N
 
 
 # ------------------------------------------------------------------------------------------- cached artifacts
+
+
+@dataclass(frozen=True)
+class VariantCost:
+    """What one method variant cost this run, once however many trials it has (MergeBench's algorithm time)."""
+
+    statistics_seconds: float = 0.0  # the experts' statistics a data-aware method needs (`expert_statistics`)
+    merge_seconds: float = 0.0  # computing its merged delta, or only finding it when `merge_cached`
+    merge_cached: bool = False
+
+
+def expert_statistics(cfg: TuneSweepConfig, variant: Variant, root: Path) -> float:
+    """HOOK for the data-aware methods: collect (or find cached under `root`) the expert statistics `variant`'s
+    method needs before its merge, and return the seconds it took; `run_sweep` reports them as the variant's
+    `statistics_seconds`, part of every one of its trials' `algorithm_seconds`. No dataless method needs any."""
+    return 0.0
 
 
 def delta_key(job) -> str:
@@ -164,7 +180,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune trainable: relax, score on a free evaluation actor of the pool, report every metric."""
     from ray import tune
 
-    from .metrics import hv_gain, normalized_performance
+    from .metrics import forgetting, hv_gain, normalized_performance
 
     cfg = TuneSweepConfig.model_validate(ctx["config"])
     variant = next(v for v in plan_variants(cfg) if v.key == config["variant"])
@@ -176,6 +192,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 durable=ctx["keep_models"])
     written = time.time()
     scores, actor = trial_scores(cfg, ctx, out)
+    scored = time.time()
     cached = actor is None
     if not ctx["keep_models"]:
         shutil.rmtree(out, ignore_errors=True)
@@ -183,11 +200,18 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     point = [scores[t] for t in tasks]
     population = [[row[t] for t in tasks] for row in ctx["population"].values()]
     metrics = {f"score/{t}": scores[t] for t in tasks}
+    metrics.update(forgetting(scores, ctx["population"][cfg.base_model], cfg.eval.general_tasks))
+    # MergeBench's runtime split: the variant's one-off cost is attributed to each of its trials here (the
+    # sweep's totals, `runtime_summary`, count it once); a score from the cache costs no validation time
+    cost = ctx["variant_costs"][variant.key]
+    relax_seconds, eval_seconds = written - started, 0.0 if cached else scored - written
     metrics.update(method=variant.method, variant=variant.label(), omega=omega,
                    hv_gain=hv_gain(population, point),
                    normalized_performance=normalized_performance(scores, ctx["expert_scores"]),
-                   seconds=time.time() - started, relax_seconds=written - started,
-                   eval_seconds=0.0 if cached else time.time() - written, scores_cached=cached,
+                   seconds=time.time() - started, relax_seconds=relax_seconds, eval_seconds=eval_seconds,
+                   statistics_seconds=cost["statistics_seconds"], merge_seconds=cost["merge_seconds"],
+                   algorithm_seconds=cost["statistics_seconds"] + cost["merge_seconds"] + relax_seconds,
+                   validation_seconds=eval_seconds, scores_cached=cached,
                    eval_actor=-1 if cached else actor, started_at=started, finished_at=time.time())
     tune.report(metrics)
 
@@ -329,6 +353,13 @@ def expert_scores(cfg: TuneSweepConfig, population: dict[str, dict[str, float]],
     return {t: max(population[e][t] for e in experts) for t in tasks}
 
 
+def check_general_tasks(cfg: TuneSweepConfig, tasks: list[str]) -> None:
+    """Forgetting is measured on evaluated tasks only."""
+    for task in cfg.eval.general_tasks:
+        if task not in tasks:
+            raise ConfigError(f"eval.general_tasks: {task!r} is not one of the evaluated tasks {tasks}")
+
+
 @dataclass
 class SweepResult:
     table: Any  # pandas DataFrame, one row per trial, best first
@@ -337,6 +368,7 @@ class SweepResult:
     computed: dict[str, int]
     best: dict[str, Any]
     population: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> task -> score
+    runtime: dict[str, Any] = field(default_factory=dict)  # `runtime_summary`: algorithm vs validation seconds
 
 
 def param_space(cfg: TuneSweepConfig, variants: list[Variant]) -> dict[str, Any]:
@@ -386,25 +418,38 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike | None = None, *,
 
     for v in variants:  # validate every merge before any long work
         prepare(merge_config(cfg, v), seed=cfg.seed)
+    if cfg.eval.general_tasks and scorer_factory is None:  # a custom scorer's tasks are checked once it names them
+        from .evaluation import resolve_suite
+
+        check_general_tasks(cfg, resolve_suite(cfg.eval.suite, cfg.eval.include_path, cfg.eval.allow_code_execution)[0])
     where.check_visible()
     if overwrite and not resume and experiment.exists():
         shutil.rmtree(experiment)
 
     echo(f"calibrating {cfg.base_model} ({cfg.kind} scales) ...")
+    started = time.perf_counter()
     scales, scales_computed = cached_scales(cfg, where.artifacts)
-    deltas, merges = {}, 0
+    calibration_seconds = time.perf_counter() - started
+    deltas, merges, costs = {}, 0, {}
     for v in variants:
         echo(f"merged delta for {v.label()} ...")
+        statistics_seconds = expert_statistics(cfg, v, where.artifacts)
+        started = time.perf_counter()
         path, computed = cached_delta(cfg, v, where.artifacts)
+        costs[v.key] = VariantCost(statistics_seconds, time.perf_counter() - started, merge_cached=not computed)
         deltas[v.key], merges = str(path), merges + computed
     pool, tasks, eval_key = (scorer_factory or default_scorer)(cfg)
+    check_general_tasks(cfg, tasks)
     echo(f"scoring the base and {len(cfg.models)} experts on {', '.join(tasks)} with {len(pool.actors)} "
          f"evaluation actor(s) (cached after the first run) ...")
+    started = time.perf_counter()
     population = population_scores(cfg, pool, eval_key, where.artifacts)
+    population_seconds = time.perf_counter() - started
     ctx = {"config": cfg.model_dump(mode="json"), "deltas": deltas, "scales": str(scales),
            "artifacts": str(where.artifacts), "trials_dir": str(experiment / "trials"), "keep_models": keep_models,
            "pool": pool, "tasks": tasks, "eval_key": eval_key, "population": population,
-           "expert_scores": expert_scores(cfg, population, tasks)}
+           "expert_scores": expert_scores(cfg, population, tasks),
+           "variant_costs": {k: asdict(c) for k, c in costs.items()}}
     normalized_performance(ctx["expert_scores"], ctx["expert_scores"])  # zero references fail here, not in trials
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     tune.PlacementGroupFactory([{"CPU": cfg.trial_cpus}]))
@@ -421,13 +466,38 @@ def run_sweep(cfg: TuneSweepConfig, storage: str | os.PathLike | None = None, *,
     results_path = experiment / "results.parquet"
     table.to_parquet(results_path)
     (experiment / "population.json").write_text(json.dumps(population, indent=1))  # for notebooks/analysis
+    runtime = runtime_summary(calibration_seconds, {v.label(): costs[v.key] for v in variants}, population_seconds,
+                              table)
+    summary = {"base_model": cfg.base_model, "tasks": tasks, "general_tasks": cfg.eval.general_tasks,
+               "runtime": runtime}
+    (experiment / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = draw_plots(table, population, tasks, experiment)
     best = table.iloc[0].to_dict() if len(table) else {}
     if export_best is not None and best:
         v = next(v for v in variants if v.label() == best["variant"])
         trial_model(cfg, v, float(best["omega"]), Path(deltas[v.key]), scales, Path(export_best), overwrite)
     computed = {"calibrations": int(scales_computed), "merges": merges, "trials": len(table)}
-    return SweepResult(table, results_path, plots, computed, best, population)
+    return SweepResult(table, results_path, plots, computed, best, population, runtime)
+
+
+def runtime_summary(calibration_seconds: float, costs: dict[str, VariantCost], population_seconds: float,
+                    table) -> dict[str, Any]:
+    """MergeBench's runtime split for the whole sweep, each cost counted once. Algorithm: AIM's calibration +
+    every variant's expert statistics and merge (once, however many trials it has) + every trial's relax and
+    write. Validation: scoring the base and the experts + every trial's evaluation (a cached score costs 0).
+    `costs`: variant label -> its cost. Seconds this run spent: an artifact found in the cache costs only its
+    look-up."""
+    def total(column: str) -> float:
+        return float(table[column].fillna(0.0).sum()) if column in table else 0.0
+
+    statistics = sum(c.statistics_seconds for c in costs.values())
+    merges = sum(c.merge_seconds for c in costs.values())
+    relax, evals = total("relax_seconds"), total("eval_seconds")
+    return {"algorithm_seconds": calibration_seconds + statistics + merges + relax,
+            "validation_seconds": population_seconds + evals,
+            "calibration_seconds": calibration_seconds, "statistics_seconds": statistics, "merge_seconds": merges,
+            "relax_seconds": relax, "population_seconds": population_seconds, "trial_eval_seconds": evals,
+            "variants": {label: asdict(c) for label, c in costs.items()}}
 
 
 def _trial_count(cfg: TuneSweepConfig, variants: list[Variant]) -> int:
@@ -456,7 +526,8 @@ def TrialProgress(total: int):  # noqa: N802 (a factory: ray.tune is imported on
 
 
 _KEPT_METRICS = ("method", "variant", "omega", "seconds", "relax_seconds", "eval_seconds", "scores_cached",
-                 "eval_actor", "started_at", "finished_at")
+                 "eval_actor", "started_at", "finished_at", "general_retention", "statistics_seconds",
+                 "merge_seconds", "algorithm_seconds", "validation_seconds")
 
 
 def results_table(grid):
@@ -468,8 +539,8 @@ def results_table(grid):
     for result in grid:
         if result.error or not result.metrics:
             continue
-        keep = {k: v for k, v in result.metrics.items() if k.startswith(("score/", "hv_gain", "normalized"))
-                or k in _KEPT_METRICS}
+        keep = {k: v for k, v in result.metrics.items()
+                if k.startswith(("score/", "hv_gain", "normalized", "forgetting")) or k in _KEPT_METRICS}
         rows.append({**keep, "trial_id": result.metrics.get("trial_id")})
     table = pd.DataFrame(rows)
     if not len(table):
@@ -547,7 +618,7 @@ def num_eval_actors(cfg: TuneSweepConfig) -> int:
     return 1
 
 
-_DRIVER_SIDE_EVAL_OPTIONS = {"num_actors", "timeout_s", "cache_scores"}  # change no actor: reuse the actors
+_DRIVER_SIDE_EVAL_OPTIONS = {"num_actors", "timeout_s", "cache_scores", "general_tasks"}  # change no actor
 
 
 def default_scorer(cfg: TuneSweepConfig):
@@ -603,12 +674,25 @@ def print_summary(result: SweepResult, echo=print, top: int = 20) -> None:
         return
     scores = [c for c in table.columns if c.startswith("score/")]
     repeats = int(table["duplicate_of"].notna().sum())
-    cols = ["variant", "omega", "hv_gain", "normalized_performance", *scores, *(["duplicate_of"] if repeats else [])]
+    measures = [c for c in ("forgetting", "algorithm_seconds", "validation_seconds") if c in table]
+    cols = ["variant", "omega", "hv_gain", "normalized_performance", *measures, *scores,
+            *(["duplicate_of"] if repeats else [])]
     echo("\nranked by HV Gain:\n" + table[cols].head(top).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if repeats:
         echo(f"{repeats} trial(s) repeat the variant and omega of an earlier trial (column duplicate_of)")
     echo(f"\ncomputed this run: {result.computed['calibrations']} calibration(s), {result.computed['merges']} "
          f"merge(s), {result.computed['trials']} trial(s)")
+    if result.runtime:
+        echo(runtime_line(result.runtime))
     echo(f"results: {result.results_path}")
     for p in result.plots:
         echo(f"plot: {p}")
+
+
+def runtime_line(runtime: dict[str, Any]) -> str:
+    """The sweep's MergeBench runtime split in one line."""
+    r = runtime
+    return (f"runtime: algorithm {r['algorithm_seconds']:.1f} s (calibration {r['calibration_seconds']:.1f}, expert "
+            f"statistics {r['statistics_seconds']:.1f}, merges {r['merge_seconds']:.1f} for {len(r['variants'])} "
+            f"variant(s), relax + write {r['relax_seconds']:.1f}) vs validation {r['validation_seconds']:.1f} s "
+            f"(base + experts {r['population_seconds']:.1f}, trials {r['trial_eval_seconds']:.1f})")

@@ -10,6 +10,7 @@ import pytest
 
 from aim_ray.errors import ConfigError
 from aim_ray.metrics import (
+    forgetting,
     hv_gain,
     hv_gain_table,
     hypervolume,
@@ -105,6 +106,31 @@ def test_normalized_performance():
     assert normalized_performance(merged, {"a": 1.0, "b": 0.9}) == pytest.approx(0.75)  # task -> expert score
     with pytest.raises(ConfigError, match="no score"):
         normalized_performance({"a": 0.5}, experts, {"a": "ea", "b": "eb"})
+
+
+def test_forgetting_against_the_base_by_hand():
+    # dyadic scores: every difference and ratio below is exact in binary floating point
+    base = {"gen": 0.5, "prose": 0.75, "math": 0.25}
+    merged = {"gen": 0.25, "prose": 1.0, "math": 0.75}
+    got = forgetting(merged, base, ["gen", "prose"])
+    assert got == {"forgetting/gen": 0.25, "forgetting/prose": -0.25,  # lost 0.25; gained 0.25
+                   "forgetting": 0.0, "general_retention": (0.5 + 4 / 3) / 2}
+    assert forgetting(merged, base, ["gen", "gen"]) == {"forgetting/gen": 0.25, "forgetting": 0.25,
+                                                         "general_retention": 0.5}  # listed twice, counted once
+    assert forgetting(merged, base, []) == {}  # no general task: no forgetting columns
+    assert forgetting(base, base, ["gen", "prose"])["general_retention"] == 1.0
+
+
+def test_forgetting_guards_a_zero_base_score_and_missing_scores():
+    base, merged = {"gen": 0.0, "prose": 0.5}, {"gen": 0.25, "prose": 0.25}
+    got = forgetting(merged, base, ["gen", "prose"])
+    assert got["forgetting/gen"] == -0.25 and got["forgetting"] == 0.0
+    assert got["general_retention"] == 0.5  # "gen" has no ratio to a zero base: left out of the mean
+    assert np.isnan(forgetting(merged, base, ["gen"])["general_retention"])
+    with pytest.raises(ConfigError, match="the merged model has no score for general task 'nope'"):
+        forgetting(merged, {**base, "nope": 0.5}, ["nope"])
+    with pytest.raises(ConfigError, match="the base model has no score for general task 'nope'"):
+        forgetting({**merged, "nope": 0.5}, base, ["nope"])
 
 
 def _rows():

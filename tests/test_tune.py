@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from aim_ray import tune
 from aim_ray.cli import main as cli
 from aim_ray.config import TuneSweepConfig, load_tune_config
-from aim_ray.demo import demo_config
+from aim_ray.demo import demo_config, print_reading, reading
 from aim_ray.engine import prepare
 from aim_ray.errors import ConfigError
 from aim_ray.worlds import toy
@@ -161,6 +161,85 @@ def test_small_sweep_ranks_every_trial_and_exports_the_best(first, toy_world, tm
     assert any(not torch.equal(t, plain[n]) for n, t in relaxed.items())
 
 
+def test_mergebench_measures_forgetting_against_the_base_in_every_trial(first, toy_world):
+    """Forgetting and retention on the general task (the demo config names the world's), by hand from each trial's
+    scores and the base's scores in the same results."""
+    cfg, storage, result, _ = first
+    general = toy_world.general_task
+    assert cfg.eval.general_tasks == [general]
+    base = result.population[cfg.base_model][general]
+    assert base > 0  # a ratio to the base, not the zero-base guard
+    table = result.table
+    assert sorted(c for c in table.columns if c.startswith("forgetting")) == ["forgetting", f"forgetting/{general}"]
+    for _, row in table.iterrows():
+        merged = row[f"score/{general}"]
+        assert row[f"forgetting/{general}"] == base - merged
+        assert row["forgetting"] == base - merged  # the mean over one general task
+        assert row["general_retention"] == merged / base
+    assert table["forgetting"].nunique() > 1  # the trials differ on the general task
+    saved = json.loads((storage / "first" / "summary.json").read_text())
+    assert saved["base_model"] == cfg.base_model and saved["general_tasks"] == [general]
+    assert saved["tasks"] == toy_world.task_names
+
+
+def test_mergebench_runtime_splits_algorithm_from_validation(first):
+    """Per trial: algorithm = its variant's statistics + merge (the same one-off figure on each of its trials) + its
+    relax; validation = its evaluation. The sweep's totals count each variant once."""
+    cfg, storage, result, _ = first
+    table, runtime = result.table, result.runtime
+    variants = runtime["variants"]
+    assert sorted(variants) == sorted(v.label() for v in tune.plan_variants(cfg))
+    for label, cost in variants.items():
+        assert cost["statistics_seconds"] == 0.0  # no dataless method collects expert statistics
+        assert cost["merge_seconds"] > 0 and not cost["merge_cached"]  # the first sweep computed every delta
+        trials = table[table["variant"] == label]
+        assert len(trials) == len(OMEGAS)
+        assert (trials["merge_seconds"] == cost["merge_seconds"]).all()
+        assert (trials["statistics_seconds"] == cost["statistics_seconds"]).all()
+    for _, row in table.iterrows():
+        assert row["algorithm_seconds"] == row["statistics_seconds"] + row["merge_seconds"] + row["relax_seconds"]
+        assert row["validation_seconds"] == row["eval_seconds"] > 0  # scored on an actor (cache_scores is off)
+    assert runtime["statistics_seconds"] == sum(c["statistics_seconds"] for c in variants.values())
+    assert runtime["merge_seconds"] == sum(c["merge_seconds"] for c in variants.values())
+    assert runtime["relax_seconds"] == table["relax_seconds"].sum()
+    assert runtime["trial_eval_seconds"] == table["validation_seconds"].sum()
+    assert runtime["algorithm_seconds"] == (runtime["calibration_seconds"] + runtime["statistics_seconds"]
+                                            + runtime["merge_seconds"] + runtime["relax_seconds"])
+    assert runtime["validation_seconds"] == runtime["population_seconds"] + runtime["trial_eval_seconds"]
+    assert runtime["calibration_seconds"] > 0 and runtime["population_seconds"] > 0
+    # not double counted: the per-trial figures repeat each merge once per omega, the total has it once
+    assert table["algorithm_seconds"].sum() == pytest.approx(
+        runtime["algorithm_seconds"] - runtime["calibration_seconds"]
+        + (len(OMEGAS) - 1) * runtime["merge_seconds"], rel=1e-12)
+    assert json.loads((storage / "first" / "summary.json").read_text())["runtime"] == runtime
+    out = io.StringIO()
+    tune.print_summary(result, lambda line: print(line, file=out))
+    assert tune.runtime_line(runtime) in out.getvalue()
+    assert f"algorithm {runtime['algorithm_seconds']:.1f} s" in tune.runtime_line(runtime)
+
+
+def test_demo_reading_shows_the_three_measures(first, toy_world):
+    _, _, result, _ = first
+    rows = reading(result.table, toy_world.general_task)
+    assert [r["method"] for r in rows] == sorted(METHODS)
+    out = io.StringIO()
+    print_reading(result, toy_world, lambda line: print(line, file=out))
+    text = out.getvalue()
+    for r in rows:
+        best = result.table[(result.table["method"] == r["method"]) & (result.table["omega"] == r["best_omega"])]
+        plain = result.table[(result.table["method"] == r["method"]) & (result.table["omega"] == 1.0)].iloc[0]
+        assert r["forgetting"] == best.iloc[0]["forgetting"] and r["plain_forgetting"] == plain["forgetting"]
+        assert r["algorithm_seconds"] == best.iloc[0]["algorithm_seconds"]
+        for prefix, words in (("", f"{r['method']:<16} best omega {r['best_omega']:.1f}: "),
+                              ("plain_", "omega 1.0 (no AIM): ")):
+            assert (f"{words}HV Gain {r[prefix + 'hv_gain']:.4f}, norm. perf. "
+                    f"{r[prefix + 'normalized_performance']:.3f}, general {r[prefix + 'general']:.3f} (forgetting "
+                    f"{r[prefix + 'forgetting']:+.3f}, retention {r[prefix + 'general_retention']:.3f}), algorithm "
+                    f"{r[prefix + 'algorithm_seconds']:.1f} s vs validation {r[prefix + 'validation_seconds']:.1f} s"
+                    ) in text
+    assert f"runtime (MergeBench's split): algorithm {result.runtime['algorithm_seconds']:.1f} s" in text
+
+
 def test_second_sweep_recomputes_nothing_and_scores_the_population_once(first, toy_world, cluster):
     cfg, storage, result, seen = first
     assert result.computed == {"calibrations": 1, "merges": len(METHODS), "trials": len(METHODS) * len(OMEGAS)}
@@ -173,6 +252,7 @@ def test_second_sweep_recomputes_nothing_and_scores_the_population_once(first, t
 
     again = tune.sweep(cfg, storage, name="second", echo=lambda *_: None)
     assert again.computed == {"calibrations": 0, "merges": 0, "trials": trials}
+    assert all(v["merge_cached"] for v in again.runtime["variants"].values())  # each delta only looked up
     now = evaluated()
     assert all(now.count(m) == 1 for m in population(toy_world))  # base and experts: evaluated once, ever
     assert len(now) == len(seen) + trials  # the second sweep only scored its own trials
@@ -196,6 +276,7 @@ def test_cached_trial_scores_serve_a_rerun_without_evaluating(first, toy_world):
     rerun = tune.sweep(cached, storage, name="cache-b", echo=lambda *_: None)
     assert len(evaluated()) == before + len(METHODS) * len(OMEGAS)  # nothing evaluated again
     assert rerun.table["scores_cached"].all() and (rerun.table["eval_seconds"] == 0).all()
+    assert (rerun.table["validation_seconds"] == 0).all() and rerun.runtime["trial_eval_seconds"] == 0
     key = ["variant", "omega"]
     cols = [c for c in result.table.columns if c.startswith("score/") or c in ("hv_gain", *key)]
     for table in (fresh.table, rerun.table):  # = the uncached first sweep's scores
@@ -268,6 +349,17 @@ def test_bad_input_fails_before_anything_is_written(first, toy_world, tmp_path):
     assert run.exit_code == 2 and "merge_method 'nope' is unknown" in run.output
     assert not fresh.exists()
 
+    # a general task the sweep does not evaluate: refused before calibrating, on the CLI in one line
+    unknown = {**data, "eval": {**data["eval"], "general_tasks": [toy_world.general_task, "toy_nope"]}}
+    message = "eval.general_tasks: 'toy_nope' is not one of the evaluated tasks ["
+    with pytest.raises(ConfigError, match=r"eval\.general_tasks: 'toy_nope' is not one of the evaluated tasks \["):
+        tune.run_sweep(TuneSweepConfig.model_validate(unknown), fresh)
+    path.write_text(yaml.safe_dump(unknown))
+    run = CliRunner().invoke(cli, ["tune", str(path), "--storage", str(fresh)])
+    assert run.exit_code == 2 and message in run.output and "Traceback" not in run.output
+    assert len(run.output.strip().splitlines()) == 1
+    assert not fresh.exists()
+
     existing = tree(storage / "first")
     with pytest.raises(ConfigError, match=r"a sweep of that name exists; pass --resume to continue it or "
                                           r"--overwrite to start over"):
@@ -309,7 +401,7 @@ def test_cli_help():
 # ------------------------------------------------------------------------------------------------ notebook
 
 
-def test_analysis_notebook_runs_on_a_sweep(first, monkeypatch):
+def test_analysis_notebook_runs_on_a_sweep(first, toy_world, monkeypatch):
     _, storage, result, _ = first
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
@@ -325,3 +417,8 @@ def test_analysis_notebook_runs_on_a_sweep(first, monkeypatch):
     assert sorted(p.name for p in figures.iterdir()) == ["hv_gain_vs_omega.png", "pareto.png"]
     assert namespace["ranked"]["trial_id"].tolist() == result.table["trial_id"].tolist()
     assert f"HV Gain recomputed for {len(result.table)} trials" in out.getvalue()
+    # MergeBench's measures: forgetting and the runtime totals recomputed there from the sweep's files
+    assert namespace["general_tasks"] == [toy_world.general_task] and namespace["runtime"] == result.runtime
+    assert f"forgetting recomputed for {len(result.table)} trials on {[toy_world.general_task]}" in out.getvalue()
+    assert (f"algorithm {result.runtime['algorithm_seconds']:.1f} s vs validation "
+            f"{result.runtime['validation_seconds']:.1f} s") in out.getvalue()
