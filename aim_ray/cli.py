@@ -302,12 +302,15 @@ def tune(config: Path, storage: Path | None, name: str, resume: bool, overwrite:
               show_default=True, help="Where the demo writes its sweep, plots and best model (replaced).")
 @click.option("--world", type=click.Choice(["real", "tiny"]), default="real", show_default=True,
               help="real: SmolLM2-135M-Instruct and 3 experts fine-tuned here; tiny: the toy world (quick).")
+@click.option("--suite", type=click.Choice(["paper", "mergebench"]), default="paper", show_default=True,
+              help="paper: task_arithmetic, ties, dare_ties x 6 omegas; mergebench: MergeBench's comparison "
+                   "(dataless, data-aware and 2025 methods, with and without AIM; longer).")
 @user_errors
-def demo(out: Path, world: str) -> None:
+def demo(out: Path, world: str, suite: str) -> None:
     """World -> local Ray cluster -> calibrate -> methods x omegas sweep -> ranked table and reading."""
     from .demo import run_demo
 
-    run_demo(out, world=world)
+    run_demo(out, world=world, suite=suite)
 
 
 def run() -> None:

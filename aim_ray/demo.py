@@ -27,6 +27,7 @@ class DemoSetup:
     density: float
     calibration: dict[str, Any]
     eval: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None  # each expert's own training data (data-aware methods): loader settings
 
 
 SETUPS = {
@@ -37,6 +38,17 @@ SETUPS = {
                       weight=1.0, density=0.5,
                       calibration={"n_samples": 128, "block_size": 128, "n_blocks": 16},
                       eval={"batch_size": 32, "num_actors": 2, "num_cpus": 0.5}),
+    # MergeBench's comparison on the real world: two dataless baselines, Localize-and-Stitch without and with
+    # trained masks, the data-aware RegMean and Fisher, and 2025's TSV-M and Iso-C, each without AIM (omega 1)
+    # and with it. The data-aware methods read each expert's own training texts: 8 blocks of 128 tokens (about
+    # 40 examples) per expert, what a 2-core machine affords for the backward-pass statistics (MergeBench
+    # samples 1,000 training examples per task).
+    "mergebench": DemoSetup(methods=("task_arithmetic", "ties", "localize_stitch", "localize_stitch_trained",
+                                     "regmean", "fisher", "tsv", "iso_c"), omegas=(0.0, 0.4, 1.0),
+                            weight=1.0, density=0.5,
+                            calibration={"n_samples": 128, "block_size": 128, "n_blocks": 16},
+                            eval={"batch_size": 32, "num_actors": 2, "num_cpus": 0.5},
+                            data={"n_samples": 512, "block_size": 128, "n_blocks": 8}),
     "toy": DemoSetup(methods=("task_arithmetic", "ties", "dare_ties"), omegas=(0.2, 0.6, 1.0), weight=None,
                       density=0.5, calibration={"n_samples": 256, "block_size": 32},
                       eval={"batch_size": 64}),
@@ -49,8 +61,9 @@ def demo_config(world: World, setup: DemoSetup | None = None, methods=None, omeg
     concurrent = setup.eval.get("num_actors")
     return TuneSweepConfig.model_validate({
         "base_model": str(world.base),
-        "models": [{"model": str(p), "parameters": {"weight": weight, "density": setup.density}}
-                   for p in world.experts.values()],
+        "models": [{"model": str(p), "parameters": {"weight": weight, "density": setup.density},
+                    **({"data": {"dataset": str(world.training_data[skill]), **setup.data}} if setup.data else {})}
+                   for skill, p in world.experts.items()],
         "methods": list(methods or setup.methods),
         "parameters": {"normalize": False},
         "omegas": list(omegas or setup.omegas),
@@ -72,21 +85,56 @@ def parameter_count(model_dir: Path) -> int:
     return sum(ckpt.info(n).numel for n in ckpt.names())
 
 
-def run_demo(out: Path, world: str = "real", overwrite: bool = True) -> Any:
+SUITES = ("paper", "mergebench")  # the demo's sweeps: the AIM paper's methods, or MergeBench's comparison
+
+
+def run_demo(out: Path, world: str = "real", overwrite: bool = True, suite: str = "paper") -> Any:
+    from .errors import ConfigError
     from .tune import print_summary, sweep
 
+    if suite == "mergebench" and world != "real":
+        raise ConfigError("--suite mergebench runs on the real world (its experts' training data): use --world real")
     click.echo(f"building (or reusing) the {world} world: a base model and experts fine-tuned from it ...")
     built = load_world(world, echo=click.echo)
     click.echo(f"base model: {built.name}, {parameter_count(built.base) / 1e6:.1f}M parameters; experts: "
                f"{', '.join(built.experts)}")
-    cfg = demo_config(built)
+    cfg = demo_config(built, SETUPS["mergebench"] if suite == "mergebench" else None)
     click.echo(f"sweeping {len(cfg.methods)} methods x {len(cfg.omegas)} omegas on a local Ray cluster ...")
     result = sweep(cfg, out, name="demo", overwrite=overwrite, export_best=out / "best-model", echo=click.echo,
                    progress=True)
     print_summary(result, click.echo)
     print_reading(result, built, click.echo)
+    if suite == "mergebench":
+        click.echo("\nMergeBench's measures, each method without AIM (omega 1) and with it (its best omega):\n"
+                   + measures_table(result.table))
     click.echo(f"best model: {out / 'best-model'}")
     return result
+
+
+def measures_table(table) -> str:
+    """Markdown: per method, omega 1 (no AIM) and the best omega below 1 by HV Gain, with MergeBench's three
+    measures (normalised performance, forgetting on the general tasks, algorithm vs validation seconds)."""
+    lines = ["| method | AIM | omega | HV Gain | norm. perf. | forgetting | algorithm s | validation s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, trials in table.groupby("method", sort=True):
+        plain = trials[trials["omega"] == 1.0]
+        relaxed = trials[trials["omega"] < 1.0].sort_values(["hv_gain", "omega"], ascending=[False, False],
+                                                           kind="stable")
+        for label, rows in (("no", plain), ("yes", relaxed)):
+            if len(rows):
+                r = rows.iloc[0]
+                forgetting = f"{r['forgetting']:+.3f}" if "forgetting" in r else "-"
+                lines.append(f"| {method} | {label} | {r['omega']:.1f} | {r['hv_gain']:.4f} | "
+                             f"{r['normalized_performance']:.3f} | {forgetting} | {r['algorithm_seconds']:.1f} | "
+                             f"{r['validation_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def mergebench_table(out: Path, name: str = "demo") -> str:
+    """`measures_table` of the sweep a `aim-ray demo --suite mergebench --out OUT` left in OUT."""
+    import pandas as pd
+
+    return measures_table(pd.read_parquet(Path(out) / name / "results.parquet"))
 
 
 # MergeBench's three measures (normalised performance, forgetting, runtime) next to the HV Gain; a sweep without

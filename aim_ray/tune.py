@@ -99,11 +99,28 @@ class VariantCost:
     merge_cached: bool = False
 
 
-def expert_statistics(cfg: TuneSweepConfig, variant: Variant, root: Path) -> float:
-    """HOOK for the data-aware methods: collect (or find cached under `root`) the expert statistics `variant`'s
-    method needs before its merge, and return the seconds it took; `run_sweep` reports them as the variant's
-    `statistics_seconds`, part of every one of its trials' `algorithm_seconds`. No dataless method needs any."""
-    return 0.0
+def expert_statistics(cfg: TuneSweepConfig, variant: Variant, root: Path | None = None) -> float:
+    """Collect (or find cached under `root/statistics`) the expert statistics `variant`'s method needs before its
+    merge (data-aware methods; none for the others, nor when the variant's delta is already cached), and return
+    the seconds it took: `run_sweep` reports them as the variant's `statistics_seconds`."""
+    from .engine import prepare
+    from .statistics import job_statistics
+
+    if get_method(variant.method).statistics is None:
+        return 0.0
+    started = time.perf_counter()
+    job = prepare(merge_config(cfg, variant), seed=cfg.seed)
+    if not (_delta_path(job, root) / "model.safetensors").exists():
+        job_statistics(job, cache_root=_statistics_root(root))
+    return time.perf_counter() - started
+
+
+def _delta_path(job, root: Path | None) -> Path:
+    return (root or cache_dir()) / "deltas" / delta_key(job)
+
+
+def _statistics_root(root: Path | None) -> Path | None:
+    return None if root is None else root / "statistics"
 
 
 def delta_key(job) -> str:
@@ -127,11 +144,11 @@ def cached_delta(cfg: TuneSweepConfig, variant: Variant, root: Path | None = Non
     from .statistics import attach_statistics
 
     job = prepare(merge_config(cfg, variant), seed=cfg.seed)
-    path = (root or cache_dir()) / "deltas" / delta_key(job)
+    path = _delta_path(job, root)
     if (path / "model.safetensors").exists():
         return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    attach_statistics(job, cache_root=None if root is None else root / "statistics")  # data-aware methods
+    attach_statistics(job, cache_root=_statistics_root(root))  # data-aware: from `expert_statistics`' cache
     write_delta(job, path)
     return path, True
 

@@ -227,3 +227,24 @@ def test_bad_data_is_refused_before_writing(family, tmp_path):
     with pytest.raises(AimRayError, match=r"expert_0.*fewer than one block"):
         merge_from_config(parse_config(MergeConfig, too_short, "t"), out, progress=False)
     assert not out.exists()
+
+
+def test_mergebench_demo_gives_each_expert_its_training_data(tmp_path):
+    from dataclasses import replace
+
+    from aim_ray.demo import SETUPS, demo_config, run_demo
+    from aim_ray.worlds import World
+
+    experts = {s: tmp_path / s for s in ("math", "code")}
+    world = World("w", tmp_path, tmp_path / "base", experts, tmp_path / "tasks", ["t_math", "t_code", "t_gen"],
+                  {"t_math": "math", "t_code": "code"}, "t_gen", tmp_path / "calib.jsonl", "real",
+                  training_data={s: tmp_path / f"{s}.jsonl" for s in experts})
+    cfg = demo_config(world, SETUPS["mergebench"])
+    assert set(cfg.methods) == {"task_arithmetic", "ties", "localize_stitch", "localize_stitch_trained", "regmean",
+                                "fisher", "tsv", "iso_c"}
+    assert 1.0 in cfg.omegas and min(cfg.omegas) < 1.0  # with and without AIM
+    assert [(m.model, m.data.dataset, m.data.n_blocks) for m in cfg.models] == [
+        (str(experts[s]), str(tmp_path / f"{s}.jsonl"), 8) for s in ("math", "code")]
+    assert all(m.data is None for m in demo_config(replace(world, training_data={})).models)  # the paper suite
+    with pytest.raises(AimRayError, match="--suite mergebench runs on the real world"):
+        run_demo(tmp_path / "out", world="tiny", suite="mergebench")

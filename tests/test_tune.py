@@ -422,3 +422,41 @@ def test_analysis_notebook_runs_on_a_sweep(first, toy_world, monkeypatch):
     assert f"forgetting recomputed for {len(result.table)} trials on {[toy_world.general_task]}" in out.getvalue()
     assert (f"algorithm {result.runtime['algorithm_seconds']:.1f} s vs validation "
             f"{result.runtime['validation_seconds']:.1f} s") in out.getvalue()
+
+
+def test_data_aware_sweep_collects_statistics_once_and_relaxes_like_one_pass(cluster, toy_world, tmp_path):
+    """A sweep over regmean and fisher: each expert's statistics are collected under the storage and timed as the
+    variant's statistics_seconds; a trial model is a one-pass `aim-ray merge` of the same config, bit for bit;
+    the MergeBench table has both methods with and without AIM."""
+    from aim_ray.demo import measures_table
+
+    data = {"dataset": str(toy_world.calibration), "n_samples": 64, "block_size": 32}
+    cfg = config(toy_world, methods=["regmean", "fisher"], omegas=[0.4, 1.0])
+    cfg = TuneSweepConfig.model_validate({**cfg.model_dump(mode="json"), "models": [
+        {"model": m.model, "parameters": {"weight": 1.0}, "data": data} for m in cfg.models]})
+    storage = tmp_path / "sweeps"
+    result = tune.sweep(cfg, storage, name="data", echo=lambda *_: None)
+    table = result.table
+    assert sorted(zip(table["method"], table["omega"])) == [("fisher", 0.4), ("fisher", 1.0), ("regmean", 0.4),
+                                                           ("regmean", 1.0)]
+    assert len(list((storage / "statistics").glob("*.safetensors"))) == 2 * len(cfg.models)  # gram + fisher
+    costs = result.runtime["variants"]
+    assert all(c["statistics_seconds"] > 0 for c in costs.values()), costs
+    assert result.runtime["statistics_seconds"] == pytest.approx(sum(c["statistics_seconds"]
+                                                                     for c in costs.values()))
+    assert (table["algorithm_seconds"] >= table["statistics_seconds"] + table["merge_seconds"]).all()
+    scales, _ = tune.cached_scales(cfg, storage)
+    for variant in tune.plan_variants(cfg):
+        trial = tune.trial_model(cfg, variant, 0.4, cached_delta_path(cfg, variant, storage), scales,
+                                 tmp_path / f"trial-{variant.method}")
+        merge = tune.merge_config(cfg, variant, 0.4, str(scales))
+        path = tmp_path / f"{variant.method}.yaml"
+        path.write_text(yaml.safe_dump(merge.model_dump(mode="json", exclude_none=True)))
+        run = CliRunner().invoke(cli, ["merge", str(path), "--out", str(tmp_path / f"one-{variant.method}"),
+                                       "--quiet"])
+        assert run.exit_code == 0, run.output
+        assert_same_tensors(trial, tmp_path / f"one-{variant.method}")
+    text = measures_table(table).splitlines()
+    assert text[0].startswith("| method | AIM | omega | HV Gain")
+    assert [line.split(" | ")[:3] for line in text[2:]] == [["| fisher", "no", "1.0"], ["| fisher", "yes", "0.4"],
+                                                           ["| regmean", "no", "1.0"], ["| regmean", "yes", "0.4"]]
