@@ -537,24 +537,32 @@ class StageRunner:
         return recorder.means() if recorder.count else None
 
 
-class ActivationRecorder:
-    """Forward pre-hooks accumulating sum over tokens of |input| per channel (float32) and the token count."""
+class InputRecorder:
+    """Forward pre-hooks that hand each hooked module's input to `add(name, x)`: what the scales and the
+    experts' statistics (`statistics.GramRecorder`) accumulate. `sums` / `counts` per module name."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name), with_kwargs=True)
-                         for name, m in modules.items()]
+                         for name, m in modules.items() if self.records(m)]
+
+    @staticmethod
+    def records(module: nn.Module) -> bool:
+        return True
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _hook(self, name: str) -> Callable:
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            # abs is exact in any dtype; the sum accumulates in float32 without a float32 copy of x.
-            total = torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-            self.counts[name] = self.counts.get(name, 0) + x.numel() // x.shape[-1]
+            self.add(name, args[0] if args else next(iter(kwargs.values())))
 
         return record
+
+    def _accumulate(self, name: str, total: torch.Tensor, tokens: int) -> None:
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.counts[name] = self.counts.get(name, 0) + tokens
 
     @property
     def count(self) -> int:
@@ -567,6 +575,27 @@ class ActivationRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class ActivationRecorder(InputRecorder):
+    """Sum over tokens of |input| per channel (float32) and the token count."""
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        # abs is exact in any dtype; the sum accumulates in float32 without a float32 copy of x.
+        total = torch.sum(x.detach().abs(), dim=tuple(range(x.dim() - 1)), dtype=torch.float32)
+        self._accumulate(name, total, x.numel() // x.shape[-1])
+
+
+def backprop_blocks(stages: Sequence[Any], blocks: torch.Tensor, desc: str, labels: bool = False) -> None:
+    """Every block, one at a time, forward through the chained stages (in process) and backward again: what
+    the Ray pipeline does per stage. `labels`: the last stage gets the block's token ids (next-token losses)."""
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=None, leave=False)):
+        x = block.unsqueeze(0)
+        for stage in stages[:-1]:
+            x = stage.forward(i, x)
+        grad = stages[-1].last(x, block.unsqueeze(0) if labels else None)
+        for stage in reversed(stages[:-1]):
+            grad = stage.backward(i, grad)
 
 
 FP16_LOSS_SCALE = 1024.0
@@ -750,13 +779,7 @@ def collect_sensitivity_scales(base: str | os.PathLike | Checkpoint, blocks: tor
     last = len(ranges) - 1
     stages = [SensitivityStage(StageRunner(ckpt, a, b, k == 0, k == last, dtype, device))
               for k, (a, b) in enumerate(ranges)]
-    for i, block in enumerate(tqdm(blocks, desc="sensitivity", unit="block", disable=None, leave=False)):
-        x = block.unsqueeze(0)
-        for stage in stages[:-1]:
-            x = stage.forward(i, x)
-        grad = stages[-1].last(x)
-        for stage in reversed(stages[:-1]):
-            grad = stage.backward(i, grad)
+    backprop_blocks(stages, blocks, "sensitivity")
     scales: dict[str, torch.Tensor] = {}
     for stage in stages:
         scales.update(stage.scales())

@@ -45,9 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .calibration import SensitivityStage, StageRunner, calibration_stages, next_token_loss
+from .calibration import SensitivityStage, StageRunner, backprop_blocks, calibration_stages, next_token_loss
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, ConfigError, StatisticsError
 from .methods.base import MethodParams
@@ -171,13 +170,7 @@ class MaskStage(SensitivityStage):
 
 def run_epoch(stages: Sequence[MaskStage], blocks: torch.Tensor, desc: str = "masks") -> None:
     """Every block forward and backward through the chained stages (in process), then one update each."""
-    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=None, leave=False)):
-        x = block.unsqueeze(0)
-        for stage in stages[:-1]:
-            x = stage.forward(i, x)
-        grad = stages[-1].last(x, block.unsqueeze(0))
-        for stage in reversed(stages[:-1]):
-            grad = stage.backward(i, grad)
+    backprop_blocks(stages, blocks, desc, labels=True)
     for stage in stages:
         stage.update()
 

@@ -140,18 +140,7 @@ class Scales:
         return meta
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (temp file + rename), so a crash never leaves a truncated artifact."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_atomically(path, self.tensors, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scales:
@@ -207,6 +196,21 @@ class Scales:
             if name not in expected:
                 raise ScalesError(f"{self.kind} scales have an entry for {unit} {name!r}, which {ckpt.path} "
                                   f"does not have (scales from another architecture?)")
+
+
+def save_atomically(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A safetensors artifact written to a temp file and renamed, so a crash never leaves a truncated one."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _checked(name: str, t: torch.Tensor) -> torch.Tensor:

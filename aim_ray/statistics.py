@@ -23,15 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -39,8 +37,10 @@ from . import __version__
 from .architectures import input_embedding
 from .calibration import (
     SHUFFLE_SEED,
+    InputRecorder,
     SensitivityStage,
     StageRunner,
+    backprop_blocks,
     calibration_stages,
     dataset_fingerprint,
     iter_micro_batches,
@@ -54,7 +54,7 @@ from .checkpoint import TOKENIZER_FILES, Checkpoint, cache_dir, parse_dtype
 from .config import CalibrationConfig
 from .errors import CalibrationError, StatisticsError
 from .localize import MaskTraining, mask_training, train_masks
-from .scales import open_checkpoint
+from .scales import open_checkpoint, save_atomically
 
 if TYPE_CHECKING:
     from .engine import MergeJob
@@ -66,45 +66,30 @@ FORMAT = "aim-ray-statistics/1"
 # ------------------------------------------------------------------------------------------- recorders
 
 
-class GramRecorder:
-    """Forward pre-hooks on Linear modules accumulating `sum over tokens of x^T x` (float32) and token counts.
-
-    The ActivationRecorder interface (`count`, `means`, `remove`), so a `StageRunner` records with either."""
+class GramRecorder(InputRecorder):
+    """`sum over tokens of x^T x` (float32) of every Linear's input, and the token counts. A module whose input
+    is the very tensor the module before it read (q/k/v, gate/up) records nothing: it is an alias."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
         self.aliases: dict[str, str] = {}  # module -> the module whose (identical) input it recorded
         self._last: tuple[torch.Tensor, str] | None = None  # held: its memory cannot be reused meanwhile
-        self._handles = [m.register_forward_pre_hook(self._hook(name), with_kwargs=True)
-                         for name, m in modules.items() if isinstance(m, nn.Linear)]
+        super().__init__(modules)
 
-    def _hook(self, name: str) -> Callable:
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            if self._last is not None and self._last[0] is x:  # the same input object as the module before
-                self.aliases[name] = self._last[1]
-                return
-            self._last = (x, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            gram = flat.T @ flat
-            self.sums[name] = self.sums[name] + gram if name in self.sums else gram
-            self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+    @staticmethod
+    def records(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
 
-        return record
-
-    @property
-    def count(self) -> int:
-        return max(self.counts.values(), default=0)
-
-    def means(self) -> dict[str, torch.Tensor]:
-        return {name: (s / self.counts[name]).cpu() for name, s in self.sums.items()}
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if self._last is not None and self._last[0] is x:
+            self.aliases[name] = self._last[1]
+            return
+        self._last = (x, name)
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self._accumulate(name, flat.T @ flat, flat.shape[0])
 
     def remove(self) -> None:
         self._last = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
 
 
 class FisherStage(SensitivityStage):
@@ -180,14 +165,7 @@ def collect_statistics(model: str | os.PathLike | Checkpoint, blocks: torch.Tens
             aliases.update(runner.recorder.aliases)
             tensors.update(runner.stop_recording() or {})
         return tensors, aliases
-    for i, block in enumerate(tqdm(blocks, desc=f"fisher {ckpt.path.name}", unit="block", disable=None,
-                                   leave=False)):
-        x = block.unsqueeze(0)
-        for stage in stages[:-1]:
-            x = stage.forward(i, x)
-        grad = stages[-1].last(x, block.unsqueeze(0))
-        for stage in reversed(stages[:-1]):
-            grad = stage.backward(i, grad)
+    backprop_blocks(stages, blocks, f"fisher {ckpt.path.name}", labels=True)
     sums: dict[str, torch.Tensor] = {}
     for stage in stages:
         sums.update(stage.scales())
@@ -261,18 +239,7 @@ class ModelStatistics:
                 "norm": repr(self.norm), "aim_ray_version": self.aim_ray_version}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Atomically (temp file + rename): a crash never leaves a truncated artifact."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: t.contiguous() for k, t in self.tensors.items()}, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return save_atomically(path, self.tensors, self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelStatistics:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from aim_ray.localize import MaskStage, MaskTraining, localized_parameters, run_
 from aim_ray.scales import Scales, open_checkpoint
 from aim_ray.service import merge_from_config
 from aim_ray.statistics import ModelStatistics
-from aim_ray.worlds.tiny import build_tiny_family
+from aim_ray.worlds.tiny import build_tiny_family, write_expert_data
 
 BLOCK = 64
 N_BLOCKS = 4
@@ -37,13 +36,7 @@ def family(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
     """A float32 tiny Llama (3 layers, untied) with 2 experts, each with its own small text file."""
     root = tmp_path_factory.mktemp("localize")
     base, experts = build_tiny_family(root, "llama", n_experts=2, seed=7, num_layers=3)
-    data = []
-    for i in range(2):
-        rnd = random.Random(i)
-        path = root / f"data{i}.jsonl"
-        path.write_text("".join(json.dumps({"text": " ".join(rnd.choice(WORDS[i * 4:]) for _ in range(12))}) + "\n"
-                                for _ in range(60)))
-        data.append(path)
+    data = write_expert_data(root, 2, lines=60)
     return base, experts, data
 
 

@@ -135,3 +135,22 @@ def build_tiny_family(
                                   scale=delta_scale)
         experts.append(save_model(expert, root / f"expert_{i}", tok_dir, max_shard_size))
     return base_dir, experts
+
+
+_DATA_WORDS = "alpha beta gamma delta the quick brown fox jumps over lazy dog key value recall answer".split()
+
+
+def write_expert_data(root: str | Path, n_experts: int, lines: int = 120) -> list[Path]:
+    """One small `.jsonl` text file per expert (`root/data{i}.jsonl`, 12 words a line, each expert drawing from
+    its own part of a small vocabulary): per-model data for the data-aware merges' tests."""
+    import json
+    import random
+
+    paths = []
+    for i in range(n_experts):
+        rnd = random.Random(i)
+        path = Path(root) / f"data{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": " ".join(rnd.choice(_DATA_WORDS[i * 4:]) for _ in range(12))})
+                                + "\n" for _ in range(lines)))
+        paths.append(path)
+    return paths
