@@ -59,9 +59,12 @@ class InputSlice(_Strict):
 
 
 class OutputSlice(_Strict):
-    """Output layers made from one layer range of each source (MergeKit's OutputSliceDefinition)."""
+    """Output layers made from one layer range of each source (MergeKit's OutputSliceDefinition). `base_model`
+    overrides the global one for this slice; `residual_weight` is accepted and ignored, as MergeKit does."""
 
     sources: list[InputSlice] = Field(min_length=1)
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -222,8 +225,7 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     if config.models is not None:
         update["models"] = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
     if config.slices is not None:
-        update["slices"] = [s.model_copy(update={"sources": [src.model_copy(update={"model": _resolve(src.model, root)})
-                                                             for src in s.sources]}) for s in config.slices]
+        update["slices"] = [_resolve_slice(s, root) for s in config.slices]
     if config.tokenizer is not None:
         update["tokenizer"] = _resolve_tokenizer(config.tokenizer, root)
     elif config.tokenizer_source not in (None, "base", "union"):
@@ -231,6 +233,11 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     if config.aim is not None and config.aim.scales is not None:
         update["aim"] = config.aim.model_copy(update={"scales": _resolve(config.aim.scales, root)})
     return config.model_copy(update=update)
+
+
+def _resolve_slice(sl: OutputSlice, root: Path) -> OutputSlice:
+    sources = [src.model_copy(update={"model": _resolve(src.model, root)}) for src in sl.sources]
+    return sl.model_copy(update={"sources": sources, "base_model": _resolve(sl.base_model, root)})
 
 
 def _resolve_tokenizer(tok: TokenizerConfig, root: Path) -> TokenizerConfig:

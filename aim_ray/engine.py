@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ from .checkpoint import (
     shard_filename,
     write_index,
 )
-from .config import MergeConfig, ModelEntry
-from .errors import AimRayError, CheckpointError, ConfigError, StatisticsError
+from .config import MergeConfig, ModelEntry, OutputSlice
+from .errors import AimRayError, CheckpointError, ConfigError, IgnoredParameterWarning, StatisticsError
 from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
@@ -246,11 +247,11 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     if config.slices is None:
         base_src = Source(-1, base_ref, 0, {})
         srcs = tuple(Source(i, e.model, 0, e.parameters) for i, e in enumerate(entries))
-        slices = [Slice(base_src, srcs, n_base, {})]
+        slices = [Slice(base_src, srcs, n_base, {}, has_base=config.base_model is not None)]
     else:
         slices = _slices(config, method, base_ref, refs, [base, *experts])
     _check_gradients(config, base_ref, n_base)
-    resolver = ParamResolver(method, config.parameters, has_base=config.base_model is not None)
+    resolver = ParamResolver(method, config.parameters)
     names_of = [[n for n in c.names() if not n.endswith(IGNORED_SUFFIXES)] for c in [base, *experts]]
     plans, out_layers = plan_tensors(slices, names_of, resolver)
     resolver.emit_warnings()
@@ -283,10 +284,12 @@ def _option_of(config: MergeConfig, ref: str, index: int) -> str:
 
 
 def _slice_inputs(config: MergeConfig, method: MergeMethod) -> tuple[str, list[str]]:
-    """The base ref and the distinct other inputs of a slices config, in order of first appearance."""
+    """The job's base ref and the distinct other inputs of a slices config, in order of first appearance. A
+    slice's own `base_model` (MergeKit's `slices[i].base_model`) that is not the job's base is one of the inputs."""
     assert config.slices is not None
-    if method.needs_base and config.base_model is None:
-        raise ConfigError(f"merge_method {method.name!r} needs base_model")
+    for i, sl in enumerate(config.slices):
+        if method.needs_base and _slice_base(config, sl) is None:
+            raise ConfigError(f"merge_method {method.name!r} needs base_model (globally or as slices[{i}].base_model)")
     if config.aim is not None and config.base_model is None:
         raise ConfigError(f"aim: merge_method {method.name!r} without base_model has no base to relax toward; "
                           f"set base_model or remove aim:")
@@ -294,15 +297,47 @@ def _slice_inputs(config: MergeConfig, method: MergeMethod) -> tuple[str, list[s
     refs: list[str] = []
     for sl in config.slices:
         for src in sl.sources:
-            if not (_is_base_source(config, method, src.model) or src.model in refs):
+            if not ((src.model == base_ref and _is_base_source(config, method, sl, src.model)) or src.model in refs):
                 refs.append(src.model)
     return base_ref, refs
 
 
-def _is_base_source(config: MergeConfig, method: MergeMethod, ref: str) -> bool:
-    """Whether a source naming `ref` is the slice's base rather than one of its merged models."""
-    excluded = method.needs_base or method.base_role == "reference"
-    return excluded and config.base_model is not None and ref == config.base_model
+def _slice_base(config: MergeConfig, sl: OutputSlice) -> str | None:
+    """The base model of one slice: its own `base_model`, else the global one (MergeKit's ConfigReader)."""
+    return sl.base_model or config.base_model
+
+
+def _base_excluded(method: MergeMethod) -> bool:
+    """Whether a configured base is the method's reference, not one more merged input (MergeKit's base policy
+    REQUIRED or OPTIONAL; IGNORED methods merge whatever the slice lists)."""
+    return method.needs_base or method.base_role == "reference"
+
+
+def _is_base_source(config: MergeConfig, method: MergeMethod, sl: OutputSlice, ref: str) -> bool:
+    """Whether a source of slice `sl` naming `ref` is the slice's base rather than one of its merged models."""
+    return _base_excluded(method) and ref == _slice_base(config, sl)
+
+
+def _check_slice_base(config: MergeConfig, method: MergeMethod, i: int, sl: OutputSlice) -> None:
+    """MergeKit: a base the method uses must be one of the slice's sources; a base an IGNORED method would not
+    use is ignored (one warning for a slice's own)."""
+    base = _slice_base(config, sl)
+    if sl.residual_weight is not None:
+        warnings.warn(IgnoredParameterWarning(f"slices[{i}].residual_weight: MergeKit accepts and ignores it; "
+                                              f"ignored"), stacklevel=4)
+    if not _base_excluded(method):
+        if sl.base_model is not None:
+            warnings.warn(IgnoredParameterWarning(f"slices[{i}].base_model: merge_method {method.name} merges the "
+                                                  f"slice's sources and has no base (as in MergeKit); ignored"),
+                          stacklevel=4)
+        return
+    if base is not None and all(s.model != base for s in sl.sources):
+        what = f"slices[{i}].base_model" if sl.base_model else "the base_model"
+        raise ConfigError(f"slices[{i}].sources: merge_method {method.name!r} needs {what} {base} among the "
+                          f"slice's sources")
+    if sl.base_model is not None and config.tokenizer_section is not None and sl.base_model != config.base_model:
+        raise ConfigError(f"slices[{i}].base_model: a slice base other than the global base_model with a "
+                          f"tokenizer section is not supported (the vocabulary's base is the global one)")
 
 
 def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Sequence[str],
@@ -311,6 +346,7 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
     out = []
     for i, sl in enumerate(config.slices):
         where = f"slices[{i}]"
+        _check_slice_base(config, method, i, sl)
         lengths = []
         for j, src in enumerate(sl.sources):
             a, b = src.layer_range
@@ -328,11 +364,8 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
             index = -1 if src.model == base_ref and src.model not in refs else refs.index(src.model)
             return Source(index, src.model, src.layer_range[0], src.parameters)
 
-        bases = [s for s in sl.sources if _is_base_source(config, method, s.model)]
-        if method.needs_base and not bases:
-            raise ConfigError(f"{where}.sources: merge_method {method.name!r} needs the base_model "
-                              f"{config.base_model} among each slice's sources")
-        merged = [source(s) for s in sl.sources if not _is_base_source(config, method, s.model)]
+        bases = [s for s in sl.sources if _is_base_source(config, method, sl, s.model)]
+        merged = [source(s) for s in sl.sources if not _is_base_source(config, method, sl, s.model)]
         listed_base = [s for s in sl.sources if s.model == base_ref]
         base_src = source(bases[0] if bases else (listed_base or sl.sources)[0])
         n = len(merged)
@@ -340,7 +373,7 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
             most = "" if method.max_experts is None else f" and at most {method.max_experts}"
             raise ConfigError(f"{where}.sources: merge_method {method.name!r} takes at least {method.min_experts}"
                               f"{most} model(s) besides the base, got {n}")
-        out.append(Slice(base_src, tuple(merged), lengths[0], sl.parameters))
+        out.append(Slice(base_src, tuple(merged), lengths[0], sl.parameters, has_base=bool(bases)))
     return out
 
 

@@ -5,6 +5,8 @@ A config with `slices:` (or a `models:` config whose parameters use gradients or
 
 - `models:` is one slice over all layers. Output layer i of a slice is input layer `a + offset` of each source.
   Embeddings come from the first slice's sources, the final norm and lm_head from the last slice's.
+- A slice's own `base_model` replaces the global one for its tensors (MergeKit's ConfigReader.base_model): the
+  embeddings follow the first slice's, the final norm and lm_head the last slice's.
 - A parameter is looked up in the source's parameters (matching model), then the slice's, then the global ones;
   a filter list that matches nothing falls through to the next scope.
 - A gradient `[v0, ..., vn]` is interpolated linearly at t = offset / (layers in the slice - 1) (t = 1 for a
@@ -137,6 +139,7 @@ class Slice:
     experts: tuple[Source, ...]
     n_layers: int
     parameters: Mapping[str, Any]
+    has_base: bool = True  # whether the slice has a base (its own base_model or the global one; `MethodParams`)
 
 
 def layer_name(layer: int, suffix: str) -> str:
@@ -163,10 +166,9 @@ class ParamResolver:
     """Per-tensor `MethodParams` with MergeKit's precedence (source > slice > global). Identical resolved values
     share one MethodParams; the warnings of `resolve_params` (ignored parameters) are emitted once each."""
 
-    def __init__(self, method: MergeMethod, global_params: Mapping[str, Any], has_base: bool) -> None:
+    def __init__(self, method: MergeMethod, global_params: Mapping[str, Any]) -> None:
         self.method = method
         self.global_params = global_params
-        self.has_base = has_base
         self._memo: dict[str, MethodParams] = {}
         self.warned: dict[str, Warning] = {}
 
@@ -187,13 +189,13 @@ class ParamResolver:
         # Per-model parameters were looked up above on each model's own input name; the shared mapping (output name)
         # must not be their fallback.
         shared = {k: v for k, v in shared.items() if not ((spec := m.param(k)) is not None and spec.per_expert)}
-        key = repr((per_expert, sorted(shared.items()), [s.ref for s in sl.experts]))
+        key = repr((per_expert, sorted(shared.items()), [s.ref for s in sl.experts], sl.has_base))
         if key not in self._memo:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     self._memo[key] = resolve_params(m, per_expert, shared, [s.ref for s in sl.experts],
-                                                     has_base=self.has_base)
+                                                     has_base=sl.has_base)
                 except ConfigError as e:
                     raise ConfigError(f"{e} (tensor {out_name})") from None
             for w in caught:

@@ -264,3 +264,93 @@ def test_passthrough_models_with_a_gradient_scale(family, tmp_path):
     _, (e0, _) = family
     check_against_mergekit("passthrough_gradient", {"merge_method": "passthrough", "models": [
         {"model": e0, "parameters": {"scale": [1.0, 0.25]}}]}, tmp_path)
+
+
+# ------------------------------------------------------------------------------ a slice's own base_model
+
+
+def test_slice_base_model_overrides_the_global_one(family, tmp_path):
+    """Slice 1 merges base and e1 as task vectors from e0 (its own base_model); slice 0 uses the global base.
+    The embeddings follow the first slice's base, the final norm and lm_head the last slice's."""
+    base, (e0, e1) = family
+    data = {"merge_method": "ties", "base_model": base, "parameters": {"weight": 0.7, "density": 0.6},
+            "slices": [
+                {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]},
+                {"base_model": e0, "sources": [{"model": m, "layer_range": [2, 4]} for m in (base, e0, e1)]}]}
+    out = check_against_mergekit("slice_base_model", data, tmp_path)
+    again = state(ours({**data, "dtype": "float32", "slices": [{**data["slices"][0]}, {
+        "sources": data["slices"][1]["sources"]}]}, tmp_path / "global"))
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], again["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(out["model.layers.3.mlp.up_proj.weight"], again["model.layers.3.mlp.up_proj.weight"])
+    assert not torch.equal(out["lm_head.weight"], again["lm_head.weight"])
+
+
+def test_slice_base_models_without_a_global_one(family, tmp_path):
+    """Every slice names its base; a model is the base of one slice and a merged model of the other."""
+    base, (e0, e1) = family
+    data = {"merge_method": "task_arithmetic", "parameters": {"weight": [0.3, 0.9]}, "slices": [
+        {"base_model": e1, "sources": [{"model": m, "layer_range": [1, 3]} for m in (e0, e1, base)]},
+        {"base_model": base, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0, e1)],
+         "parameters": {"weight": 0.5}}]}
+    check_against_mergekit("slice_base_no_global", data, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
+def test_slice_base_model_of_an_optional_base_method(family, tmp_path, method):
+    """nuslerp / multislerp interpolate task vectors from a slice's own base (nuslerp's second slice: from e1),
+    the weights themselves where a slice has none (multislerp's second slice merges all three models)."""
+    base, (e0, e1) = family
+    first = {"base_model": base, "sources": [
+        {"model": m, "layer_range": [0, 2], "parameters": {"weight": w}} for m, w in ((base, 1.0), (e0, 0.4),
+                                                                                         (e1, 0.6))]}
+    order = ((e1, 1.0), (e0, 0.3), (base, 0.7)) if method == "nuslerp" else ((e0, 0.4), (e1, 0.6), (base, 0.2))
+    second = {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": w}} for m, w in order]}
+    if method == "nuslerp":
+        second["base_model"] = e1
+    check_against_mergekit(f"{method}_slice_base", {"merge_method": method, "slices": [first, second]}, tmp_path)
+
+
+def test_residual_weight_and_an_ignored_slice_base_warn(family, tmp_path):
+    """MergeKit 0.1.5 accepts `residual_weight` and never reads it; linear ignores a base (IGNORED policy)."""
+    base, (e0, e1) = family
+    data = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"residual_weight": 0.5, "base_model": base,
+         "sources": [{"model": m, "layer_range": [0, 4], "parameters": {"weight": w}} for m, w in ((e0, 1), (e1, 2))]}]}
+    job = None
+    with pytest.warns(UserWarning) as caught:
+        job = prepare(parse_config(MergeConfig, data, "t"))
+    messages = sorted(str(w.message) for w in caught)
+    assert any(m.startswith("slices[0].base_model: merge_method linear merges the slice's sources") for m in messages)
+    assert "slices[0].residual_weight: MergeKit accepts and ignores it; ignored" in messages
+    assert job is not None
+    check_against_mergekit("residual_weight", data, tmp_path)
+
+
+def test_slice_base_model_missing_from_its_sources(family, tmp_path):
+    base, (e0, e1) = family
+    msg = refused({"merge_method": "ties", "base_model": base, "slices": [
+        {"base_model": e1, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0)]}]}, tmp_path)
+    assert msg.endswith(f"slices[0].sources: merge_method 'ties' needs slices[0].base_model {e1} among the "
+                        f"slice's sources")
+    with pytest.raises(ValueError, match="Base input is not present in merge inputs"):
+        mergekit({"merge_method": "ties", "base_model": base, "slices": [
+            {"base_model": e1, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0)]}]},
+            tmp_path / "mk")
+    msg = refused({"merge_method": "ties", "slices": [
+        {"base_model": base, "sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0)]},
+        {"sources": [{"model": m, "layer_range": [2, 4]} for m in (base, e0)]}]}, tmp_path)
+    assert msg.endswith("merge_method 'ties' needs base_model (globally or as slices[1].base_model)")
+
+
+def test_last_slice_with_more_sources_than_the_first(family, tmp_path):
+    """Documented difference: the final norm and lm_head merge every source of the last slice. MergeKit 0.1.5
+    zips the last slice's models with the first slice's list, so it drops the sources beyond that count."""
+    base, (e0, e1) = family
+    data = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"weight": 1.0}} for m in (e0, e1)]},
+        {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": 1.0}} for m in (e0, e1, base)]}]}
+    a, b = state(ours(data, tmp_path / "ours")), state(mergekit(data, tmp_path / "mk"))
+    heads = [state(Path(m))["lm_head.weight"] for m in (e0, e1, base)]
+    assert (a["lm_head.weight"] - sum(heads) / 3).abs().max().item() <= TOL
+    assert (b["lm_head.weight"] - sum(heads[:2]) / 2).abs().max().item() <= TOL
+    assert (a["model.layers.3.mlp.up_proj.weight"] - b["model.layers.3.mlp.up_proj.weight"]).abs().max() <= TOL
