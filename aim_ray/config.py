@@ -7,6 +7,7 @@
         parameters: {weight: 1.0, density: 0.5}     # a value may be a gradient [0.3, 0.7] or filtered
     parameters: {normalize: true}                     # [{filter: mlp, value: 0.5}, {value: 0.3}]
     # or, instead of models: slices: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]
+    # or modules: {text_decoder: {slices: [...]}, vision_tower: {models: [...]}, ...}
     dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
     out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
     tokenizer_source: base    # or tokenizer: {source, tokens, pad_to_multiple_of}; chat_template: auto|NAME|JINJA
@@ -66,6 +67,25 @@ class OutputSlice(_Strict):
     base_model: str | None = None
     residual_weight: float | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputModule(_Strict):
+    """One module of a multimodal model (MergeKit's OutputModuleDefinition): its own slices or models."""
+
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_list(cls, v: Any) -> Any:
+        return [{"model": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> OutputModule:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of models or slices")
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -145,6 +165,7 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     models: list[ModelEntry] | None = Field(None, min_length=1)
     slices: list[OutputSlice] | None = Field(None, min_length=1)  # instead of models (`aim_ray.slices`)
+    modules: dict[str, OutputModule] | None = Field(None, min_length=1)  # per module (`aim_ray.slices.Module`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -165,8 +186,8 @@ class MergeConfig(_Strict):
     def _one_form_each(self) -> MergeConfig:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either tokenizer_source or tokenizer, not both")
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of models or slices")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of models, slices or modules")
         return self
 
     @property
@@ -226,6 +247,11 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
         update["models"] = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
     if config.slices is not None:
         update["slices"] = [_resolve_slice(s, root) for s in config.slices]
+    if config.modules is not None:
+        update["modules"] = {name: m.model_copy(update={
+            "slices": None if m.slices is None else [_resolve_slice(s, root) for s in m.slices],
+            "models": None if m.models is None else [e.model_copy(update={"model": _resolve(e.model, root)})
+                                                     for e in m.models]}) for name, m in config.modules.items()}
     if config.tokenizer is not None:
         update["tokenizer"] = _resolve_tokenizer(config.tokenizer, root)
     elif config.tokenizer_source not in (None, "base", "union"):

@@ -64,7 +64,7 @@ def check_against_mergekit(label: str, data: dict, tmp_path: Path) -> dict[str, 
     MAX_DIFF[label] = worst
     print(f"{label}: max |ours - mergekit| = {worst:.3g}")
     assert worst <= TOL, label
-    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]
+    layers = [json.loads((tmp_path / d / "config.json").read_text()).get("num_hidden_layers")
               for d in ("ours", "mergekit")]
     assert layers[0] == layers[1]
     return a
@@ -215,7 +215,7 @@ def test_malformed_setting_and_models_with_slices(family):
     with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: expected a value"):
         prepare(parse_config(MergeConfig, {"merge_method": "linear", "models": [
             {"model": e0, "parameters": {"weight": [{"filter": "mlp"}]}}]}, "t"))
-    with pytest.raises(ConfigError, match="give exactly one of models or slices"):
+    with pytest.raises(ConfigError, match="give exactly one of models, slices or modules"):
         parse_config(MergeConfig, {"merge_method": "linear", "models": [e0],
                                    "slices": [{"sources": [{"model": e0, "layer_range": [0, 1]}]}]}, "t")
 
@@ -354,3 +354,116 @@ def test_last_slice_with_more_sources_than_the_first(family, tmp_path):
     assert (a["lm_head.weight"] - sum(heads) / 3).abs().max().item() <= TOL
     assert (b["lm_head.weight"] - sum(heads[:2]) / 2).abs().max().item() <= TOL
     assert (a["model.layers.3.mlp.up_proj.weight"] - b["model.layers.3.mlp.up_proj.weight"]).abs().max() <= TOL
+
+
+# ------------------------------------------------------------------ other families, MergeKit's `modules:`
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, tuple[str, list[str]]]:
+    """Tiny GPT-2 (`transformer.h.N`), LLaVA (`language_model.model.layers.N`, a CLIP tower) and Mistral3 (a
+    MergeKit `modules` architecture: text_decoder, vision_tower, multi_modal_projector), 3 layers each."""
+    try:
+        from tests.test_architectures import build
+    except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+        from test_architectures import build
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in ("gpt2", "llava", "mistral3"):
+        base, experts = build(root, family)
+        out[family] = (str(base), [str(e) for e in experts])
+    return out
+
+
+def _layers(path: Path, *keys: str) -> list[int]:
+    cfg = json.loads((path / "config.json").read_text())
+    return [cfg[k] if "." not in k else cfg[k.split(".")[0]][k.split(".")[1]] for k in keys]
+
+
+@pytest.mark.parametrize("method", ["passthrough", "ties"])
+def test_gpt2_slices(families, tmp_path, method):
+    """`transformer.h.N` layers stacked (passthrough: 4 output layers from two models) or merged per slice with
+    a gradient and a slice base_model; config.json's `n_layer` follows."""
+    base, (e0, e1) = families["gpt2"]
+    if method == "passthrough":
+        data = {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": e0, "layer_range": [0, 2]}]},
+            {"sources": [{"model": e1, "layer_range": [1, 3], "parameters": {"scale": 0.5}}]}]}
+    else:
+        data = {"merge_method": "ties", "base_model": base, "parameters": {"density": [0.3, 0.9], "weight": 0.5},
+                "slices": [{"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]},
+                           {"base_model": e0,
+                            "sources": [{"model": m, "layer_range": [2, 3]} for m in (base, e0, e1)]}]}
+    out = check_against_mergekit(f"gpt2_{method}", data, tmp_path)
+    n = 4 if method == "passthrough" else 3
+    assert _layers(tmp_path / "ours", "n_layer") == _layers(tmp_path / "mergekit", "n_layer") == [n]
+    if method == "passthrough":
+        fc = "transformer.h.{}.mlp.c_fc.weight"
+        assert torch.equal(out[fc.format(3)], state(Path(e1))[fc.format(2)] * 0.5)
+
+
+def test_llava_slices(families, tmp_path):
+    """MergeKit 0.1.5 has no LLaVA architecture (so no differential): the language model's layers are stacked,
+    the vision tower and projector come with the embeddings from the first slice, `text_config` gets the count,
+    and transformers loads the result."""
+    import transformers
+
+    _, (e0, e1) = families["llava"]
+    data = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": e0, "layer_range": [0, 3]}]}, {"sources": [{"model": e1, "layer_range": [1, 3]}]}]}
+    out = state(ours(data, tmp_path / "ours"))
+    src0, src1 = state(Path(e0)), state(Path(e1))
+    q = "language_model.model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(out[q.format(4)], src1[q.format(2)]) and torch.equal(out[q.format(1)], src0[q.format(1)])
+    assert all(torch.equal(out[n], src0[n]) for n in src0 if n.startswith(("vision_tower.", "multi_modal_projector.")))
+    assert torch.equal(out["language_model.lm_head.weight"], src1["language_model.lm_head.weight"])
+    assert _layers(tmp_path / "ours", "text_config.num_hidden_layers") == [5]
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours")
+    assert len(model.model.language_model.layers) == 5
+
+
+def mistral3_modules(base: str, experts: list[str]) -> dict:
+    e0, e1 = experts
+    trio = (base, e0, e1)
+    return {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5, "weight": 0.5}, "modules": {
+        "text_decoder": {"slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in trio]},
+            {"sources": [{"model": m, "layer_range": [1, 3]} for m in trio], "parameters": {"density": [0.2, 0.8]}}]},
+        "vision_tower": {"parameters": {"weight": 0.9}, "slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in trio]},
+            {"base_model": e1, "sources": [{"model": m, "layer_range": [1, 2]} for m in trio]}]},
+        "multi_modal_projector": {"models": [{"model": e0}, {"model": e1, "parameters": {"weight": 0.3}}],
+                                  "parameters": {"density": 0.3}}}}
+
+
+def test_mistral3_modules(families, tmp_path):
+    """MergeKit's `modules:` on its Mistral3 architecture: per-module slices (4 text layers, 3 vision tower
+    layers, one with its own base_model), module parameters between the slice's and the global ones, and a
+    module given as `models:`; both layer counts in config.json."""
+    base, experts = families["mistral3"]
+    check_against_mergekit("mistral3_modules", mistral3_modules(base, experts), tmp_path)
+    keys = ("text_config.num_hidden_layers", "vision_config.num_hidden_layers")
+    assert _layers(tmp_path / "ours", *keys) == _layers(tmp_path / "mergekit", *keys) == [4, 3]
+
+
+def test_modules_bad_input(families, family, tmp_path):
+    base, experts = families["mistral3"]
+    data = mistral3_modules(base, experts)
+    del data["modules"]["multi_modal_projector"]
+    msg = refused(data, tmp_path)
+    assert msg.endswith("belongs to module 'multi_modal_projector', which is not listed; list it (MergeKit would "
+                        "leave it out of the output)")
+    data = mistral3_modules(base, experts)
+    data["modules"]["audio_tower"] = data["modules"].pop("multi_modal_projector")
+    msg = refused(data, tmp_path)
+    assert msg.endswith(f"modules.audio_tower: no tensor of {base} belongs to it (its modules: text_decoder, "
+                        f"multi_modal_projector, vision_tower)")
+    data = mistral3_modules(base, experts)
+    data["modules"]["vision_tower"]["slices"][1]["sources"][0]["layer_range"] = [1, 3]
+    msg = refused(data, tmp_path)
+    assert "modules.vision_tower.slices[1].sources[0].layer_range [1, 3] is outside" in msg and "(2 layers)" in msg
+    llama, (e0, _) = family  # MergeKit's single-module name `default` is the whole model
+    check_against_mergekit("default_module", {"merge_method": "task_arithmetic", "base_model": llama, "modules": {
+        "default": {"slices": [{"sources": [{"model": m, "layer_range": [0, 4]} for m in (llama, e0)]}],
+                    "parameters": {"weight": 0.4}}}}, tmp_path)
