@@ -200,7 +200,7 @@ def _split_base(config: MergeConfig, method: MergeMethod):
         entries = list(config.models)
         if base is not None and method.base_role == "reference":
             entries = [e for e in entries if e.model != base]
-        if base is not None and method.base_role == "input" and all(e.model != base for e in entries):
+        if base is not None and _base_appended(config, method) and all(e.model != base for e in entries):
             entries.append(ModelEntry(model=base))  # MergeKit appends it to the inputs
         base_ref = base or entries[0].model
     if len(entries) < method.min_experts:
@@ -210,6 +210,15 @@ def _split_base(config: MergeConfig, method: MergeMethod):
         raise ConfigError(f"merge_method {method.name!r} takes at most {method.max_experts} model(s) besides "
                           f"the base, got {len(entries)}")
     return entries, base_ref
+
+
+def _base_appended(config: MergeConfig, method: MergeMethod) -> bool:
+    """Whether a base_model missing from `models` is merged as one more model, as MergeKit always does for a
+    method that does not use a base: karcher; linear when a global `weight` gives it one (without one MergeKit
+    refuses the config, and aim-ray keeps the base only as AIM's reference)."""
+    if method.base_role == "input":
+        return True
+    return method.base_role == "listed" and not method.direct and "weight" in config.parameters
 
 
 def _scopes(config: MergeConfig) -> list[tuple[str, Mapping[str, Any]]]:
@@ -310,7 +319,8 @@ def _module_models(config: MergeConfig, method: MergeMethod, models: Sequence[Mo
     """The inputs of a module's `models:` (MergeKit adds a base_model the list lacks, as `_split_base` does)."""
     refs = [e.model for e in models]
     base = config.base_model
-    if base is not None and base not in refs and (method.needs_base or method.base_role != "listed"):
+    if base is not None and base not in refs and (method.needs_base or method.base_role == "reference"
+                                                  or _base_appended(config, method)):
         refs.append(base)
     return refs
 
