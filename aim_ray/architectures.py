@@ -18,8 +18,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_FRONT = re.compile(r"^(?:model\.)?(?:vision_tower|vision_model|visual|multi_modal_projector|mm_projector|"
+_FRONT = re.compile(r"^(?:model\.)?(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|"
                     r"vision_embed_tokens|image_newline|audio_tower)(?:\.|$)")
+# A layer tensor split into (stem, index, suffix): `language_model.model.layers.` `3` `mlp.up_proj.weight`.
+_STEM = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks|block|layer)\.)(\d+)\.(.+)$")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|norm|ln_f|final_layernorm|final_layer_norm|final_norm|"
                    r"norm_f)\.")
 INPUT_VOCAB = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
@@ -39,6 +41,30 @@ def layer_index(name: str) -> int | None:
         return None
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """(stem, layer index, suffix) of a tensor inside a numbered layer (front ends' layers too), else None."""
+    m = _STEM.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def front_module(name: str) -> str | None:
+    """The multimodal front end a tensor belongs to (`vision_tower`, `multi_modal_projector`, ...), else None."""
+    m = _FRONT.match(name)
+    return m.group(1) if m else None
+
+
+def layer_count_key(config: Mapping[str, Any], section: str | None = None) -> str | None:
+    """The config key holding the decoder's layer count (`num_hidden_layers`, GPT-2's `n_layer`, or under
+    `text_config`), or under `section` (e.g. `vision_config`); dotted, None when there is none."""
+    scopes = [section] if section else [None, "text_config", "llm_config"]
+    for scope in scopes:
+        cfg = config.get(scope) if scope else config
+        for key in LAYER_KEYS if isinstance(cfg, Mapping) else ():
+            if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
+                return f"{scope}.{key}" if scope else key
+    return None
 
 
 def is_front(name: str) -> bool:

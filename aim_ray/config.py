@@ -7,6 +7,7 @@
         parameters: {weight: 1.0, density: 0.5}     # a value may be a gradient [0.3, 0.7] or filtered
     parameters: {normalize: true}                     # [{filter: mlp, value: 0.5}, {value: 0.3}]
     # or, instead of models: slices: [{sources: [{model, layer_range: [a, b], parameters}], parameters}]
+    # or modules: {text_decoder: {slices: [...]}, vision_tower: {models: [...]}, ...}
     dtype: float32            # MergeKit's compute dtype (aim-ray always computes in float32) and output dtype
     out_dtype: bfloat16       # the output dtype: out_dtype, else dtype, else the base model's
     tokenizer_source: base    # or tokenizer: {source, tokens, pad_to_multiple_of}; chat_template: auto|NAME|JINJA
@@ -59,10 +60,32 @@ class InputSlice(_Strict):
 
 
 class OutputSlice(_Strict):
-    """Output layers made from one layer range of each source (MergeKit's OutputSliceDefinition)."""
+    """Output layers made from one layer range of each source (MergeKit's OutputSliceDefinition). `base_model`
+    overrides the global one for this slice; `residual_weight` is accepted and ignored, as MergeKit does."""
 
     sources: list[InputSlice] = Field(min_length=1)
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputModule(_Strict):
+    """One module of a multimodal model (MergeKit's OutputModuleDefinition): its own slices or models."""
+
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_list(cls, v: Any) -> Any:
+        return [{"model": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> OutputModule:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of models or slices")
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -142,6 +165,7 @@ class MergeConfig(_Strict):
     base_model: str | None = None
     models: list[ModelEntry] | None = Field(None, min_length=1)
     slices: list[OutputSlice] | None = Field(None, min_length=1)  # instead of models (`aim_ray.slices`)
+    modules: dict[str, OutputModule] | None = Field(None, min_length=1)  # per module (`aim_ray.slices.Module`)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -162,8 +186,8 @@ class MergeConfig(_Strict):
     def _one_form_each(self) -> MergeConfig:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either tokenizer_source or tokenizer, not both")
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of models or slices")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of models, slices or modules")
         return self
 
     @property
@@ -222,8 +246,12 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     if config.models is not None:
         update["models"] = [m.model_copy(update={"model": _resolve(m.model, root)}) for m in config.models]
     if config.slices is not None:
-        update["slices"] = [s.model_copy(update={"sources": [src.model_copy(update={"model": _resolve(src.model, root)})
-                                                             for src in s.sources]}) for s in config.slices]
+        update["slices"] = [_resolve_slice(s, root) for s in config.slices]
+    if config.modules is not None:
+        update["modules"] = {name: m.model_copy(update={
+            "slices": None if m.slices is None else [_resolve_slice(s, root) for s in m.slices],
+            "models": None if m.models is None else [e.model_copy(update={"model": _resolve(e.model, root)})
+                                                     for e in m.models]}) for name, m in config.modules.items()}
     if config.tokenizer is not None:
         update["tokenizer"] = _resolve_tokenizer(config.tokenizer, root)
     elif config.tokenizer_source not in (None, "base", "union"):
@@ -231,6 +259,11 @@ def resolve_relative_paths(config: MergeConfig, root: Path) -> MergeConfig:
     if config.aim is not None and config.aim.scales is not None:
         update["aim"] = config.aim.model_copy(update={"scales": _resolve(config.aim.scales, root)})
     return config.model_copy(update=update)
+
+
+def _resolve_slice(sl: OutputSlice, root: Path) -> OutputSlice:
+    sources = [src.model_copy(update={"model": _resolve(src.model, root)}) for src in sl.sources]
+    return sl.model_copy(update={"sources": sources, "base_model": _resolve(sl.base_model, root)})
 
 
 def _resolve_tokenizer(tok: TokenizerConfig, root: Path) -> TokenizerConfig:

@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .architectures import is_vocab_tensor, num_layers
+from .architectures import front_module, is_vocab_tensor, layer_count_key, num_layers
 from .chat_template import resolve_template
 from .checkpoint import (
     DEFAULT_SHARD_SIZE,
@@ -39,13 +40,15 @@ from .checkpoint import (
     shard_filename,
     write_index,
 )
-from .config import MergeConfig, ModelEntry
-from .errors import AimRayError, CheckpointError, ConfigError, StatisticsError
+from .config import InputSlice, MergeConfig, ModelEntry, OutputSlice
+from .errors import AimRayError, CheckpointError, ConfigError, IgnoredParameterWarning, StatisticsError
 from .methods import fused, get_method, kernels, resolve_params
 from .methods.base import MergeMethod, MethodParams, mask_seed
 from .plan import ordered_names
 from .resume import PROGRESS, Progress
 from .slices import (
+    TEXT_MODULE,
+    Module,
     ParamResolver,
     Slice,
     Source,
@@ -93,6 +96,7 @@ class MergeJob:
     # when every output tensor is the same tensor of the base and the experts, with `params` for all.
     plan: dict[str, TensorPlan] | None = None
     out_layers: int | None = None  # output decoder layers when a plan stacks or drops layers
+    layer_counts: dict[str, int] = field(default_factory=dict)  # config.json's layer counts a plan changes (dotted)
     # False for a scratch output (a Tune trial model, scored then deleted): no fsync, no re-hash at commit.
     durable: bool = True
     # The experts' statistics of a data-aware method (`aim_ray.statistics`), attached after `prepare` (a
@@ -145,7 +149,7 @@ def prepare(config: MergeConfig, *, seed: int = 0, allow_pickle: bool = False, c
         raise ConfigError(f"base_model: merge_method {method.name} takes one model, and MergeKit adds a base_model "
                           f"missing from models as one more; list only the model (no base_model)")
     _check_statistics(config, method)
-    if config.slices is not None or _has_settings(config):
+    if config.models is None or _has_settings(config):
         return _prepare_planned(config, method, seed=seed, allow_pickle=allow_pickle, check_finite=check_finite,
                                 shard_size=shard_size, revisions=revisions)
     entries, base_ref = _split_base(config, method)
@@ -172,8 +176,9 @@ def _check_statistics(config: MergeConfig, method: MergeMethod) -> None:
     """A data-aware method (regmean, fisher, ...) needs `data:` on every expert entry (files that exist)."""
     if method.statistics is None:
         return
-    if config.slices is not None:
-        raise ConfigError(f"merge_method {method.name} reads each model's data: use models:, not slices:")
+    if config.models is None:
+        raise ConfigError(f"merge_method {method.name} reads each model's data: use models:, not slices: or "
+                          f"modules:")
     entries, _ = _split_base(config, method)
     check_data(method.name, [e.model for e in entries], [e.data for e in entries])
 
@@ -195,7 +200,7 @@ def _split_base(config: MergeConfig, method: MergeMethod):
         entries = list(config.models)
         if base is not None and method.base_role == "reference":
             entries = [e for e in entries if e.model != base]
-        if base is not None and method.base_role == "input" and all(e.model != base for e in entries):
+        if base is not None and _base_appended(config, method) and all(e.model != base for e in entries):
             entries.append(ModelEntry(model=base))  # MergeKit appends it to the inputs
         base_ref = base or entries[0].model
     if len(entries) < method.min_experts:
@@ -207,14 +212,29 @@ def _split_base(config: MergeConfig, method: MergeMethod):
     return entries, base_ref
 
 
+def _base_appended(config: MergeConfig, method: MergeMethod) -> bool:
+    """Whether a base_model missing from `models` is merged as one more model, as MergeKit always does for a
+    method that does not use a base: karcher; linear when a global `weight` gives it one (without one MergeKit
+    refuses the config, and aim-ray keeps the base only as AIM's reference)."""
+    if method.base_role == "input":
+        return True
+    return method.base_role == "listed" and not method.direct and "weight" in config.parameters
+
+
 def _scopes(config: MergeConfig) -> list[tuple[str, Mapping[str, Any]]]:
     """Every parameters mapping of the config, with its option path."""
     scopes: list[tuple[str, Mapping[str, Any]]] = [("parameters", config.parameters)]
     for i, e in enumerate(config.models or []):
         scopes.append((f"models[{i}].parameters", e.parameters))
-    for i, sl in enumerate(config.slices or []):
-        scopes.append((f"slices[{i}].parameters", sl.parameters))
-        scopes += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(sl.sources)]
+    for g in _groups(config) if config.models is None else []:
+        if g.module.name:
+            scopes.append((f"{g.where}parameters", g.parameters))
+        for i, e in enumerate(g.models or []):
+            scopes.append((f"{g.where}models[{i}].parameters", e.parameters))
+        for i, sl in enumerate(g.slices or []):
+            scopes.append((f"{g.where}slices[{i}].parameters", sl.parameters))
+            scopes += [(f"{g.where}slices[{i}].sources[{j}].parameters", src.parameters)
+                       for j, src in enumerate(sl.sources)]
     return scopes
 
 
@@ -230,10 +250,10 @@ def _has_settings(config: MergeConfig) -> bool:
 
 def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, allow_pickle: bool,
                      check_finite: bool, shard_size: int, revisions: Mapping[str, str] | None) -> MergeJob:
-    """`prepare` for slices, gradients and filters: a `TensorPlan` per output tensor."""
+    """`prepare` for slices, modules, gradients and filters: a `TensorPlan` per output tensor."""
     _has_settings(config)  # checks the settings' form
     pins = revisions or {}
-    if config.slices is None:
+    if config.models is not None:
         entries, base_ref = _split_base(config, method)
         refs = [e.model for e in entries]
     else:
@@ -241,82 +261,218 @@ def _prepare_planned(config: MergeConfig, method: MergeMethod, *, seed: int, all
     base = _open(base_ref, "base_model", allow_pickle, pins.get(base_ref))
     experts = [_open(r, _option_of(config, r, i), allow_pickle, pins.get(r)) for i, r in enumerate(refs)]
     for ref, ckpt in zip(refs, experts):
-        _check_architecture(base, ckpt, base_ref, ref, layers=config.slices is None)
+        _check_architecture(base, ckpt, base_ref, ref, layers=config.models is not None)
+    ckpts = [base, *experts]
+    names_of = [[n for n in c.names() if not n.endswith(IGNORED_SUFFIXES)] for c in ckpts]
     n_base = num_layers(base.config, base.names())
-    if config.slices is None:
+    if config.models is not None:
         base_src = Source(-1, base_ref, 0, {})
         srcs = tuple(Source(i, e.model, 0, e.parameters) for i, e in enumerate(entries))
-        slices = [Slice(base_src, srcs, n_base, {})]
+        modules = [[Slice(base_src, srcs, n_base, {}, has_base=config.base_model is not None)]]
     else:
-        slices = _slices(config, method, base_ref, refs, [base, *experts])
+        modules = [_slices(config, method, g, base_ref, refs, ckpts, names_of) for g in _groups(config)]
+        _check_modules(config, modules, names_of[0], base_ref)
     _check_gradients(config, base_ref, n_base)
-    resolver = ParamResolver(method, config.parameters, has_base=config.base_model is not None)
-    names_of = [[n for n in c.names() if not n.endswith(IGNORED_SUFFIXES)] for c in [base, *experts]]
-    plans, out_layers = plan_tensors(slices, names_of, resolver)
+    resolver = ParamResolver(method, config.parameters)
+    plans, counts = plan_tensors(modules, names_of, resolver)
     resolver.emit_warnings()
     vocab, tok_src, template = _tokenizer_plan(config, base, experts, refs, base_ref)
     vocab_rows = vocab.rows if vocab is not None else None
     out_dtype = output_dtype(config, base)
-    ckpts = [base, *experts]
     _check_plan(plans, ckpts, [base_ref, *refs], vocab_rows)
     _check_filters(config, plans)
-    identity = all(p.base == TensorInput(-1, n) for n, p in plans.items()) and out_layers == n_base
+    own = {m: m.n_layers(base.config, names_of[0]) for m in counts}
+    identity = all(p.base == TensorInput(-1, n) for n, p in plans.items()) and counts == own
     if config.aim is not None and not identity:
         raise ConfigError("aim: the slices make output layers that are not the base model's own; AIM relaxes "
                           "toward the base's same tensor: remove aim: or give every layer of the base in order")
+    out_layers = next((n for m, n in counts.items() if m.text), n_base)
     outputs = []
     for name in ordered_names(list(plans), out_layers):
         ckpt, in_name = ckpts[plans[name].base.index + 1], plans[name].base.name
         outputs.append(_output_tensor(ckpt, in_name, out_dtype, vocab_rows, out_name=name))
     params = next(iter(plans.values())).params
     return MergeJob(config, method, params, base, experts, refs, out_dtype, outputs, vocab_rows, tok_src, vocab,
-                    template, seed, check_finite, shard_size, plan=plans, out_layers=None if identity else out_layers)
+                    template, seed, check_finite, shard_size, plan=plans, out_layers=None if identity else out_layers,
+                    layer_counts={} if identity else _layer_counts(config, base, counts, own))
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The slices (or models) of one output module; `where` prefixes its options in errors."""
+
+    where: str
+    module: Module
+    slices: list[OutputSlice] | None
+    models: list[ModelEntry] | None
+    parameters: Mapping[str, Any]
+
+
+def _groups(config: MergeConfig) -> list[_Group]:
+    if config.modules is None:
+        return [_Group("", Module(), config.slices, None, {})]
+    return [_Group(f"modules.{name}.", Module(name), m.slices, m.models, m.parameters)
+            for name, m in config.modules.items()]
+
+
+def _module_models(config: MergeConfig, method: MergeMethod, models: Sequence[ModelEntry]) -> list[str]:
+    """The inputs of a module's `models:` (MergeKit adds a base_model the list lacks, as `_split_base` does)."""
+    refs = [e.model for e in models]
+    base = config.base_model
+    if base is not None and base not in refs and (method.needs_base or method.base_role == "reference"
+                                                  or _base_appended(config, method)):
+        refs.append(base)
+    return refs
+
+
+def _group_slices(config: MergeConfig, method: MergeMethod, g: _Group, n_layers_of: Callable[[str], int]
+                  ) -> list[OutputSlice]:
+    """A module's slices; its `models:` as one slice over all of the module's layers of each model."""
+    if g.slices is not None:
+        return g.slices
+    params = {e.model: e.parameters for e in g.models or []}
+    return [OutputSlice(sources=[InputSlice(model=r, layer_range=(0, n_layers_of(r)), parameters=params.get(r, {}))
+                                 for r in _module_models(config, method, g.models or [])])]
+
+
+def _check_modules(config: MergeConfig, modules: Sequence[Sequence[Slice]], base_names: Sequence[str],
+                   base_ref: str) -> None:
+    """With `modules:`, every tensor of the base belongs to one listed module, and every module has tensors
+    (MergeKit would silently leave an unlisted module out of the output)."""
+    if config.modules is None:
+        return
+    listed = [sl[0].module for sl in modules]
+    for m in listed:
+        if not any(m.covers(n) for n in base_names):
+            raise ConfigError(f"modules.{m.name}: no tensor of {base_ref} belongs to it (its modules: "
+                              f"{', '.join(_module_names(base_names))})")
+    for n in base_names:
+        owners = [m.name for m in listed if m.covers(n)]
+        if not owners:
+            name = front_module(n) or TEXT_MODULE
+            raise ConfigError(f"modules: tensor {n!r} belongs to module {name!r}, which is not listed; list it "
+                              f"(MergeKit would leave it out of the output)")
+        if len(owners) > 1:
+            raise ConfigError(f"modules: tensor {n!r} belongs to both {owners[0]!r} and {owners[1]!r}")
+
+
+def _module_names(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(front_module(n) or TEXT_MODULE for n in names))
+
+
+def _layer_counts(config: MergeConfig, base: Checkpoint, counts: Mapping[Module, int], own: Mapping[Module, int]
+                  ) -> dict[str, int]:
+    """The output config's layer counts (dotted keys) of the modules whose count the slices changed."""
+    out = {}
+    for m, n in counts.items():
+        if n == own[m]:
+            continue
+        section = None if m.text else ("audio_config" if "audio" in m.name else "vision_config")
+        key = layer_count_key(base.config, section)
+        if key is None:
+            where = f"modules.{m.name}" if m.name else "slices"
+            raise ConfigError(f"{where}: the output has {n} layers but the base's config has no layer count to "
+                              f"set for them")
+        out[key] = n
+    return out
 
 
 def _option_of(config: MergeConfig, ref: str, index: int) -> str:
     """Where the config names input `ref` (for errors)."""
-    for i, sl in enumerate(config.slices or []):
-        for j, src in enumerate(sl.sources):
-            if src.model == ref:
-                return f"slices[{i}].sources[{j}]"
+    for g in _groups(config) if config.models is None else []:
+        for i, sl in enumerate(g.slices or []):
+            for j, src in enumerate(sl.sources):
+                if src.model == ref:
+                    return f"{g.where}slices[{i}].sources[{j}]"
+        for i, e in enumerate(g.models or []):
+            if e.model == ref:
+                return f"{g.where}models[{i}]"
     return f"models[{index}]"
 
 
 def _slice_inputs(config: MergeConfig, method: MergeMethod) -> tuple[str, list[str]]:
-    """The base ref and the distinct other inputs of a slices config, in order of first appearance."""
-    assert config.slices is not None
-    if method.needs_base and config.base_model is None:
-        raise ConfigError(f"merge_method {method.name!r} needs base_model")
+    """The job's base ref and the distinct other inputs of a slices or modules config, in order of first
+    appearance. A slice's own `base_model` (MergeKit's `slices[i].base_model`) that is not the job's base is
+    one of the inputs."""
     if config.aim is not None and config.base_model is None:
         raise ConfigError(f"aim: merge_method {method.name!r} without base_model has no base to relax toward; "
                           f"set base_model or remove aim:")
-    base_ref = config.base_model or config.slices[0].sources[0].model
+    seen: list[tuple[OutputSlice | None, str]] = []  # (slice, model); slice None: a module's models
+    for g in _groups(config):
+        for i, sl in enumerate(g.slices or []):
+            if method.needs_base and _slice_base(config, sl) is None:
+                raise ConfigError(f"merge_method {method.name!r} needs base_model (globally or as "
+                                  f"{g.where}slices[{i}].base_model)")
+            seen += [(sl, src.model) for src in sl.sources]
+        if g.models is not None:
+            if method.needs_base and config.base_model is None:
+                raise ConfigError(f"merge_method {method.name!r} needs base_model")
+            seen += [(None, r) for r in _module_models(config, method, g.models)]
+    base_ref = config.base_model or seen[0][1]
     refs: list[str] = []
-    for sl in config.slices:
-        for src in sl.sources:
-            if not (_is_base_source(config, method, src.model) or src.model in refs):
-                refs.append(src.model)
+    for sl, model in seen:
+        is_base = _base_excluded(method) and model == (config.base_model if sl is None else _slice_base(config, sl))
+        if not ((model == base_ref and is_base) or model in refs):
+            refs.append(model)
     return base_ref, refs
 
 
-def _is_base_source(config: MergeConfig, method: MergeMethod, ref: str) -> bool:
-    """Whether a source naming `ref` is the slice's base rather than one of its merged models."""
-    excluded = method.needs_base or method.base_role == "reference"
-    return excluded and config.base_model is not None and ref == config.base_model
+def _slice_base(config: MergeConfig, sl: OutputSlice) -> str | None:
+    """The base model of one slice: its own `base_model`, else the global one (MergeKit's ConfigReader)."""
+    return sl.base_model or config.base_model
 
 
-def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Sequence[str],
-            ckpts: Sequence[Checkpoint]) -> list[Slice]:
-    assert config.slices is not None
+def _base_excluded(method: MergeMethod) -> bool:
+    """Whether a configured base is the method's reference, not one more merged input (MergeKit's base policy
+    REQUIRED or OPTIONAL; IGNORED methods merge whatever the slice lists)."""
+    return method.needs_base or method.base_role == "reference"
+
+
+def _is_base_source(config: MergeConfig, method: MergeMethod, sl: OutputSlice, ref: str) -> bool:
+    """Whether a source of slice `sl` naming `ref` is the slice's base rather than one of its merged models."""
+    return _base_excluded(method) and ref == _slice_base(config, sl)
+
+
+def _check_slice_base(config: MergeConfig, method: MergeMethod, where: str, sl: OutputSlice) -> None:
+    """MergeKit: a base the method uses must be one of the slice's sources; a base an IGNORED method would not
+    use is ignored (one warning for a slice's own)."""
+    base = _slice_base(config, sl)
+    if sl.residual_weight is not None:
+        warnings.warn(IgnoredParameterWarning(f"{where}.residual_weight: MergeKit accepts and ignores it; "
+                                              f"ignored"), stacklevel=4)
+    if not _base_excluded(method):
+        if sl.base_model is not None:
+            warnings.warn(IgnoredParameterWarning(f"{where}.base_model: merge_method {method.name} merges the "
+                                                  f"slice's sources and has no base (as in MergeKit); ignored"),
+                          stacklevel=4)
+        return
+    if base is not None and all(s.model != base for s in sl.sources):
+        what = f"{where}.base_model" if sl.base_model else "the base_model"
+        raise ConfigError(f"{where}.sources: merge_method {method.name!r} needs {what} {base} among the "
+                          f"slice's sources")
+    if sl.base_model is not None and config.tokenizer_section is not None and sl.base_model != config.base_model:
+        raise ConfigError(f"{where}.base_model: a slice base other than the global base_model with a "
+                          f"tokenizer section is not supported (the vocabulary's base is the global one)")
+
+
+def _slices(config: MergeConfig, method: MergeMethod, g: _Group, base_ref: str, refs: Sequence[str],
+            ckpts: Sequence[Checkpoint], names_of: Sequence[Sequence[str]]) -> list[Slice]:
+    def index(model: str) -> int:
+        return -1 if model == base_ref and model not in refs else refs.index(model)
+
+    def n_layers(model: str) -> int:
+        i = index(model) + 1
+        return g.module.n_layers(ckpts[i].config, names_of[i])
+
     out = []
-    for i, sl in enumerate(config.slices):
-        where = f"slices[{i}]"
+    for i, sl in enumerate(_group_slices(config, method, g, n_layers)):
+        where = f"{g.where}slices[{i}]"
+        _check_slice_base(config, method, where, sl)
         lengths = []
         for j, src in enumerate(sl.sources):
             a, b = src.layer_range
-            ckpt = ckpts[0] if src.model == base_ref and src.model not in refs else ckpts[refs.index(src.model) + 1]
-            n = num_layers(ckpt.config, ckpt.names())
-            if not 0 <= a < b <= n:
+            n = n_layers(src.model)
+            if not (0 <= a < b <= n or a == b == n == 0):
                 raise ConfigError(f"{where}.sources[{j}].layer_range [{a}, {b}] is outside {src.model} "
                                   f"({n} layers): need 0 <= a < b <= {n}")
             lengths.append(b - a)
@@ -325,14 +481,10 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
                               f"every source of a slice needs the same count")
 
         def source(src) -> Source:
-            index = -1 if src.model == base_ref and src.model not in refs else refs.index(src.model)
-            return Source(index, src.model, src.layer_range[0], src.parameters)
+            return Source(index(src.model), src.model, src.layer_range[0], src.parameters)
 
-        bases = [s for s in sl.sources if _is_base_source(config, method, s.model)]
-        if method.needs_base and not bases:
-            raise ConfigError(f"{where}.sources: merge_method {method.name!r} needs the base_model "
-                              f"{config.base_model} among each slice's sources")
-        merged = [source(s) for s in sl.sources if not _is_base_source(config, method, s.model)]
+        bases = [s for s in sl.sources if _is_base_source(config, method, sl, s.model)]
+        merged = [source(s) for s in sl.sources if not _is_base_source(config, method, sl, s.model)]
         listed_base = [s for s in sl.sources if s.model == base_ref]
         base_src = source(bases[0] if bases else (listed_base or sl.sources)[0])
         n = len(merged)
@@ -340,7 +492,8 @@ def _slices(config: MergeConfig, method: MergeMethod, base_ref: str, refs: Seque
             most = "" if method.max_experts is None else f" and at most {method.max_experts}"
             raise ConfigError(f"{where}.sources: merge_method {method.name!r} takes at least {method.min_experts}"
                               f"{most} model(s) besides the base, got {n}")
-        out.append(Slice(base_src, tuple(merged), lengths[0], sl.parameters))
+        out.append(Slice(base_src, tuple(merged), lengths[0], sl.parameters, has_base=bool(bases),
+                         module=g.module, module_parameters=g.parameters))
     return out
 
 
@@ -782,8 +935,12 @@ def finalize(job: MergeJob, work_dir: Path, digests: dict[int, str], report: dic
     updates: dict[str, Any] = {"torch_dtype": str(job.out_dtype).removeprefix("torch.")}
     if job.vocab_rows is not None:
         updates.update(_vocab_update(job.base.config, job.vocab_rows))
-    if job.out_layers is not None:
-        updates["num_hidden_layers"] = job.out_layers
+    for key, n in job.layer_counts.items():  # `num_hidden_layers`, `n_layer`, `text_config.num_hidden_layers` ...
+        section, _, leaf = key.rpartition(".")
+        if section:
+            updates[section] = {**updates.get(section, job.base.config[section]), leaf: n}
+        else:
+            updates[leaf] = n
     rebuilt = job.vocab is not None or job.chat_template is not None
     copy_aux_files(job.base.path, None if rebuilt else job.tokenizer_src, work_dir, updates)
     if rebuilt:

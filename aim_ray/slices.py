@@ -5,8 +5,13 @@ A config with `slices:` (or a `models:` config whose parameters use gradients or
 
 - `models:` is one slice over all layers. Output layer i of a slice is input layer `a + offset` of each source.
   Embeddings come from the first slice's sources, the final norm and lm_head from the last slice's.
-- A parameter is looked up in the source's parameters (matching model), then the slice's, then the global ones;
-  a filter list that matches nothing falls through to the next scope.
+- A slice's own `base_model` replaces the global one for its tensors (MergeKit's ConfigReader.base_model): the
+  embeddings follow the first slice's, the final norm and lm_head the last slice's.
+- `modules:` (multimodal models): each module (`text_decoder`, `vision_tower`, ...) has its own slices or models,
+  with layers numbered inside it (`Module`); without `modules:` layers are found by pattern (`layers.N`, `h.N`,
+  ... under any prefix, `architectures.split_layer`) and the front ends go with the embeddings.
+- A parameter is looked up in the source's parameters (matching model), then the slice's, then the module's,
+  then the global ones; a filter list that matches nothing falls through to the next scope.
 - A gradient `[v0, ..., vn]` is interpolated linearly at t = offset / (layers in the slice - 1) (t = 1 for a
   one-layer slice, t = 0 for the embeddings, norm and head).
 - `{filter: s, value: v}` applies where `s` is a substring of the tensor name (shared parameters are matched
@@ -17,20 +22,18 @@ The plan depends only on the config and the checkpoints' headers, never on the n
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .architectures import front_module, is_front, is_head, num_layers, split_layer
 from .errors import ConfigError
 from .methods import MethodParams, resolve_params
 from .methods.base import MergeMethod
 
 MISSING: Any = object()  # a setting that resolves to nothing here (filters that do not match)
 _SCALARS = (bool, int, float, str)
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EMBED = re.compile(r"^model\.embed_tokens\.")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -121,6 +124,46 @@ class TensorPlan:
     params: MethodParams
 
 
+TEXT_MODULE = "text_decoder"  # MergeKit's name for a multimodal model's language model
+
+
+@dataclass(frozen=True)
+class Module:
+    """The tensors one output module covers (MergeKit's `modules:`): "" (or MergeKit's `default`) the whole model
+    (`models:` / `slices:`; front ends go with the embeddings), `text_decoder` everything outside the multimodal
+    front ends, any other name the front end of that name (`vision_tower`, `multi_modal_projector`, ...), with
+    layers numbered inside it."""
+
+    name: str = ""
+
+    @property
+    def text(self) -> bool:
+        """Whether this is the language model (its layers by `architectures.layer_index`, front ends aside)."""
+        return self.name in ("", "default", TEXT_MODULE)
+
+    def covers(self, tensor: str) -> bool:
+        if self.name in ("", "default"):
+            return True
+        front = front_module(tensor)
+        return front is None if self.name == TEXT_MODULE else front == self.name
+
+    def layer_of(self, tensor: str) -> tuple[str, int, str] | None:
+        """(stem, index, suffix) of one of this module's layer tensors, else None (pre and post tensors)."""
+        if self.text and is_front(tensor):
+            return None
+        return split_layer(tensor)
+
+    def is_post(self, tensor: str) -> bool:
+        """After the layers (final norm, head: from the last slice); front ends have none."""
+        return self.text and is_head(tensor)
+
+    def n_layers(self, config: Mapping[str, Any], names: Sequence[str]) -> int:
+        if self.text:
+            return num_layers(config, names)
+        indices = [layer[1] for n in names if self.covers(n) and (layer := self.layer_of(n)) is not None]
+        return max(indices) + 1 if indices else 0
+
+
 @dataclass(frozen=True)
 class Source:
     """One model of an output slice: the input index, its first layer, its own parameters."""
@@ -137,49 +180,47 @@ class Slice:
     experts: tuple[Source, ...]
     n_layers: int
     parameters: Mapping[str, Any]
+    has_base: bool = True  # whether the slice has a base (its own base_model or the global one; `MethodParams`)
+    module: Module = Module()
+    module_parameters: Mapping[str, Any] = field(default_factory=dict)  # between the slice's and the global ones
 
 
-def layer_name(layer: int, suffix: str) -> str:
-    return f"model.layers.{layer}.{suffix}"
-
-
-def layer_suffixes(names: Sequence[str], layer: int) -> list[str]:
-    """The tensor names of one decoder layer, without their `model.layers.N.` prefix, in checkpoint order."""
+def layer_tensors(module: Module, names: Sequence[str], layer: int) -> list[tuple[str, str]]:
+    """(stem, suffix) of the module's tensors of one layer, in checkpoint order."""
     out = []
     for n in names:
-        m = _LAYER.match(n)
-        if m and int(m.group(1)) == layer:
-            out.append(m.group(2))
+        if module.covers(n) and (split := module.layer_of(n)) is not None and split[1] == layer:
+            out.append((split[0], split[2]))
     return out
 
 
-def non_layer_names(names: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(pre, post): the embeddings, then everything else outside the decoder layers (norm, lm_head)."""
-    rest = [n for n in names if not _LAYER.match(n)]
-    return [n for n in rest if _EMBED.match(n)], [n for n in rest if not _EMBED.match(n)]
+def non_layer_names(module: Module, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(pre, post): the module's tensors outside its layers, before them (embeddings, front ends) and after."""
+    rest = [n for n in names if module.covers(n) and module.layer_of(n) is None]
+    return [n for n in rest if not module.is_post(n)], [n for n in rest if module.is_post(n)]
 
 
 class ParamResolver:
     """Per-tensor `MethodParams` with MergeKit's precedence (source > slice > global). Identical resolved values
     share one MethodParams; the warnings of `resolve_params` (ignored parameters) are emitted once each."""
 
-    def __init__(self, method: MergeMethod, global_params: Mapping[str, Any], has_base: bool) -> None:
+    def __init__(self, method: MergeMethod, global_params: Mapping[str, Any]) -> None:
         self.method = method
         self.global_params = global_params
-        self.has_base = has_base
         self._memo: dict[str, MethodParams] = {}
         self.warned: dict[str, Warning] = {}
 
     def resolve(self, sl: Slice, inputs: Sequence[str], out_name: str, t: float) -> MethodParams:
         """`inputs`: each expert's input tensor name (as in sl.experts)."""
         m = self.method
-        shared = {**_evaluated(self.global_params, out_name, t), **_evaluated(sl.parameters, out_name, t)}
+        shared = {**_evaluated(self.global_params, out_name, t), **_evaluated(sl.module_parameters, out_name, t),
+                  **_evaluated(sl.parameters, out_name, t)}
         per_expert = []
         for src, in_name in zip(sl.experts, inputs, strict=True):
             own = _evaluated(src.parameters, in_name, t)
             for spec in m.params:
                 if spec.per_expert and spec.name not in own:
-                    for scope in (sl.parameters, self.global_params):
+                    for scope in (sl.parameters, sl.module_parameters, self.global_params):
                         if spec.name in scope and (v := evaluate(in_name, scope[spec.name], t)) is not MISSING:
                             own[spec.name] = v
                             break
@@ -187,13 +228,13 @@ class ParamResolver:
         # Per-model parameters were looked up above on each model's own input name; the shared mapping (output name)
         # must not be their fallback.
         shared = {k: v for k, v in shared.items() if not ((spec := m.param(k)) is not None and spec.per_expert)}
-        key = repr((per_expert, sorted(shared.items()), [s.ref for s in sl.experts]))
+        key = repr((per_expert, sorted(shared.items()), [s.ref for s in sl.experts], sl.has_base))
         if key not in self._memo:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     self._memo[key] = resolve_params(m, per_expert, shared, [s.ref for s in sl.experts],
-                                                     has_base=self.has_base)
+                                                     has_base=sl.has_base)
                 except ConfigError as e:
                     raise ConfigError(f"{e} (tensor {out_name})") from None
             for w in caught:
@@ -205,32 +246,34 @@ class ParamResolver:
             warnings.warn(message, stacklevel=4)
 
 
-def plan_tensors(slices: Sequence[Slice], names_of: Sequence[Sequence[str]], resolver: ParamResolver
-                 ) -> tuple[dict[str, TensorPlan], int]:
-    """Every output tensor's plan (in output order: embeddings, layers, the rest) and the output layer count.
-    `names_of[i + 1]` lists input i's tensor names (i = -1: the base)."""
+def plan_tensors(modules: Sequence[Sequence[Slice]], names_of: Sequence[Sequence[str]], resolver: ParamResolver
+                 ) -> tuple[dict[str, TensorPlan], dict[Module, int]]:
+    """Every output tensor's plan (per module: its pre tensors, layers, post tensors) and each module's output
+    layer count. `modules` holds each module's slices; `names_of[i + 1]` lists input i's tensor names (i = -1:
+    the base)."""
     plans: dict[str, TensorPlan] = {}
 
-    def add(sl: Slice, out_name: str, in_layer_offset: int | None, suffix: str, t: float) -> None:
-        def name(src: Source) -> str:
-            return out_name if in_layer_offset is None else layer_name(src.start + in_layer_offset, suffix)
+    def add(sl: Slice, out_name: str, in_names: Sequence[str], t: float) -> None:
+        params = resolver.resolve(sl, in_names[1:], out_name, t)
+        plans[out_name] = TensorPlan(TensorInput(sl.base.index, in_names[0]),
+                                     tuple(TensorInput(s.index, n) for s, n in zip(sl.experts, in_names[1:])), params)
 
-        ins = [name(s) for s in sl.experts]
-        params = resolver.resolve(sl, ins, out_name, t)
-        plans[out_name] = TensorPlan(TensorInput(sl.base.index, name(sl.base)),
-                                     tuple(TensorInput(s.index, n) for s, n in zip(sl.experts, ins)), params)
-
-    pre, _ = non_layer_names(names_of[slices[0].base.index + 1])
-    for n in pre:
-        add(slices[0], n, None, "", 0.0)
-    out_layer = 0
-    for sl in slices:
-        for offset in range(sl.n_layers):
-            t = offset / (sl.n_layers - 1) if sl.n_layers > 1 else 1.0
-            for suffix in layer_suffixes(names_of[sl.base.index + 1], sl.base.start + offset):
-                add(sl, layer_name(out_layer, suffix), offset, suffix, t)
-            out_layer += 1
-    _, post = non_layer_names(names_of[slices[-1].base.index + 1])
-    for n in post:
-        add(slices[-1], n, None, "", 0.0)
-    return plans, out_layer
+    counts: dict[Module, int] = {}
+    for slices in modules:
+        module = slices[0].module
+        pre, _ = non_layer_names(module, names_of[slices[0].base.index + 1])
+        for n in pre:
+            add(slices[0], n, [n] * (1 + len(slices[0].experts)), 0.0)
+        out_layer = 0
+        for sl in slices:
+            for offset in range(sl.n_layers):
+                t = offset / (sl.n_layers - 1) if sl.n_layers > 1 else 1.0
+                for stem, suffix in layer_tensors(module, names_of[sl.base.index + 1], sl.base.start + offset):
+                    ins = [f"{stem}{src.start + offset}.{suffix}" for src in (sl.base, *sl.experts)]
+                    add(sl, f"{stem}{out_layer}.{suffix}", ins, t)
+                out_layer += 1
+        _, post = non_layer_names(module, names_of[slices[-1].base.index + 1])
+        for n in post:
+            add(slices[-1], n, [n] * (1 + len(slices[-1].experts)), 0.0)
+        counts[module] = out_layer
+    return plans, counts

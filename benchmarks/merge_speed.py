@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/merge_speed.py [--root DIR] [--quick]
 
 Speed: base + experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for every method in
-`METHODS` (3 experts, or what the method takes: slerp and nearswap 1, nuslerp 2). Memory: ties with
+`METHODS` (3 experts, or what the method takes: slerp and nearswap 1, nuslerp 2), and a passthrough slices
+frankenmerge (two experts' layer ranges stacked: 2L - 2 layers). Memory: ties with
 N = 2, 4, 8, 16 experts for both tools, and every streaming method at the smallest and largest N for aim-ray:
 peak anonymous RSS (heap; memory-mapped input pages are page cache, not heap). Inputs are warm in the page
 cache for every tool alike (they were just written).
@@ -69,6 +70,27 @@ def run_tool(tool: str, cfg: Path, out: Path, best_threads: bool = False, thread
     return min(runs, key=lambda r: r.seconds)
 
 
+def frankenmerge_yaml(work: Path, experts: list[Path], layers: int) -> Path:
+    """A passthrough frankenmerge: layers [0, L-1) of one expert stacked on layers [1, L) of another."""
+    data = {"merge_method": "passthrough", "dtype": "float32", "out_dtype": "bfloat16", "slices": [
+        {"sources": [{"model": str(experts[0]), "layer_range": [0, layers - 1]}]},
+        {"sources": [{"model": str(experts[1]), "layer_range": [1, layers]}]}]}
+    path = work / "passthrough_slices.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def speed_row(label: str, cfg: Path, inputs: list[Path], work: Path) -> None:
+    """One row of the speed table: aim-ray (default threads and 1 thread) vs MergeKit, and the I/O floor."""
+    floor = io_floor(inputs, work / "floor.bin")
+    ours = run_tool("aim-ray", cfg, work / "out")
+    single = run_tool("aim-ray", cfg, work / "out", threads=1)
+    theirs = run_tool("mergekit", cfg, work / "out", best_threads=True)
+    print(f"| {label} | {ours.seconds:.2f} | {single.seconds:.2f} | {theirs.seconds:.2f} | "
+          f"{theirs.seconds / ours.seconds:.2f}x | {theirs.seconds / single.seconds:.2f}x | {floor:.2f} | "
+          f"{ours.seconds / floor:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=Path("bench_out/merge_speed"))
@@ -89,15 +111,11 @@ def main() -> None:
           "aim-ray / I/O floor |")
     print("|---|---|---|---|---|---|---|---|")
     for method in METHODS:
-        cfg = method_yaml(work, method, base, experts)
-        n_inputs = 1 + METHODS[method][0]
-        floor = io_floor([base, *experts[:n_inputs - 1]], work / "floor.bin")
-        ours = run_tool("aim-ray", cfg, work / "out")
-        single = run_tool("aim-ray", cfg, work / "out", threads=1)
-        theirs = run_tool("mergekit", cfg, work / "out", best_threads=True)
-        print(f"| {method} ({n_inputs - 1}) | {ours.seconds:.2f} | {single.seconds:.2f} | {theirs.seconds:.2f} | "
-              f"{theirs.seconds / ours.seconds:.2f}x | {theirs.seconds / single.seconds:.2f}x | {floor:.2f} | "
-              f"{ours.seconds / floor:.2f}x |", flush=True)
+        n = METHODS[method][0]
+        speed_row(f"{method} ({n})", method_yaml(work, method, base, experts), [base, *experts[:n]], work)
+    layers = shape.get("layers", 12)
+    speed_row(f"passthrough slices (2 x {layers - 1} layers)", frankenmerge_yaml(work, experts, layers),
+              experts[:2], work)
 
     if not args.skip_mergekit_heap:
         print("\n## peak heap (anonymous RSS), ties density 0.5")

@@ -64,7 +64,7 @@ def check_against_mergekit(label: str, data: dict, tmp_path: Path) -> dict[str, 
     MAX_DIFF[label] = worst
     print(f"{label}: max |ours - mergekit| = {worst:.3g}")
     assert worst <= TOL, label
-    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]
+    layers = [json.loads((tmp_path / d / "config.json").read_text()).get("num_hidden_layers")
               for d in ("ours", "mergekit")]
     assert layers[0] == layers[1]
     return a
@@ -215,7 +215,7 @@ def test_malformed_setting_and_models_with_slices(family):
     with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: expected a value"):
         prepare(parse_config(MergeConfig, {"merge_method": "linear", "models": [
             {"model": e0, "parameters": {"weight": [{"filter": "mlp"}]}}]}, "t"))
-    with pytest.raises(ConfigError, match="give exactly one of models or slices"):
+    with pytest.raises(ConfigError, match="give exactly one of models, slices or modules"):
         parse_config(MergeConfig, {"merge_method": "linear", "models": [e0],
                                    "slices": [{"sources": [{"model": e0, "layer_range": [0, 1]}]}]}, "t")
 
@@ -264,3 +264,206 @@ def test_passthrough_models_with_a_gradient_scale(family, tmp_path):
     _, (e0, _) = family
     check_against_mergekit("passthrough_gradient", {"merge_method": "passthrough", "models": [
         {"model": e0, "parameters": {"scale": [1.0, 0.25]}}]}, tmp_path)
+
+
+# ------------------------------------------------------------------------------ a slice's own base_model
+
+
+def test_slice_base_model_overrides_the_global_one(family, tmp_path):
+    """Slice 1 merges base and e1 as task vectors from e0 (its own base_model); slice 0 uses the global base.
+    The embeddings follow the first slice's base, the final norm and lm_head the last slice's."""
+    base, (e0, e1) = family
+    data = {"merge_method": "ties", "base_model": base, "parameters": {"weight": 0.7, "density": 0.6},
+            "slices": [
+                {"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]},
+                {"base_model": e0, "sources": [{"model": m, "layer_range": [2, 4]} for m in (base, e0, e1)]}]}
+    out = check_against_mergekit("slice_base_model", data, tmp_path)
+    again = state(ours({**data, "dtype": "float32", "slices": [{**data["slices"][0]}, {
+        "sources": data["slices"][1]["sources"]}]}, tmp_path / "global"))
+    assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], again["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(out["model.layers.3.mlp.up_proj.weight"], again["model.layers.3.mlp.up_proj.weight"])
+    assert not torch.equal(out["lm_head.weight"], again["lm_head.weight"])
+
+
+def test_slice_base_models_without_a_global_one(family, tmp_path):
+    """Every slice names its base; a model is the base of one slice and a merged model of the other."""
+    base, (e0, e1) = family
+    data = {"merge_method": "task_arithmetic", "parameters": {"weight": [0.3, 0.9]}, "slices": [
+        {"base_model": e1, "sources": [{"model": m, "layer_range": [1, 3]} for m in (e0, e1, base)]},
+        {"base_model": base, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0, e1)],
+         "parameters": {"weight": 0.5}}]}
+    check_against_mergekit("slice_base_no_global", data, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["multislerp", "nuslerp"])
+def test_slice_base_model_of_an_optional_base_method(family, tmp_path, method):
+    """nuslerp / multislerp interpolate task vectors from a slice's own base (nuslerp's second slice: from e1),
+    the weights themselves where a slice has none (multislerp's second slice merges all three models)."""
+    base, (e0, e1) = family
+    first = {"base_model": base, "sources": [
+        {"model": m, "layer_range": [0, 2], "parameters": {"weight": w}} for m, w in ((base, 1.0), (e0, 0.4),
+                                                                                         (e1, 0.6))]}
+    order = ((e1, 1.0), (e0, 0.3), (base, 0.7)) if method == "nuslerp" else ((e0, 0.4), (e1, 0.6), (base, 0.2))
+    second = {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": w}} for m, w in order]}
+    if method == "nuslerp":
+        second["base_model"] = e1
+    check_against_mergekit(f"{method}_slice_base", {"merge_method": method, "slices": [first, second]}, tmp_path)
+
+
+def test_residual_weight_and_an_ignored_slice_base_warn(family, tmp_path):
+    """MergeKit 0.1.5 accepts `residual_weight` and never reads it; linear ignores a base (IGNORED policy)."""
+    base, (e0, e1) = family
+    data = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"residual_weight": 0.5, "base_model": base,
+         "sources": [{"model": m, "layer_range": [0, 4], "parameters": {"weight": w}} for m, w in ((e0, 1), (e1, 2))]}]}
+    job = None
+    with pytest.warns(UserWarning) as caught:
+        job = prepare(parse_config(MergeConfig, data, "t"))
+    messages = sorted(str(w.message) for w in caught)
+    assert any(m.startswith("slices[0].base_model: merge_method linear merges the slice's sources") for m in messages)
+    assert "slices[0].residual_weight: MergeKit accepts and ignores it; ignored" in messages
+    assert job is not None
+    check_against_mergekit("residual_weight", data, tmp_path)
+
+
+def test_slice_base_model_missing_from_its_sources(family, tmp_path):
+    base, (e0, e1) = family
+    msg = refused({"merge_method": "ties", "base_model": base, "slices": [
+        {"base_model": e1, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0)]}]}, tmp_path)
+    assert msg.endswith(f"slices[0].sources: merge_method 'ties' needs slices[0].base_model {e1} among the "
+                        f"slice's sources")
+    with pytest.raises(ValueError, match="Base input is not present in merge inputs"):
+        mergekit({"merge_method": "ties", "base_model": base, "slices": [
+            {"base_model": e1, "sources": [{"model": m, "layer_range": [0, 4]} for m in (base, e0)]}]},
+            tmp_path / "mk")
+    msg = refused({"merge_method": "ties", "slices": [
+        {"base_model": base, "sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0)]},
+        {"sources": [{"model": m, "layer_range": [2, 4]} for m in (base, e0)]}]}, tmp_path)
+    assert msg.endswith("merge_method 'ties' needs base_model (globally or as slices[1].base_model)")
+
+
+def test_last_slice_with_more_sources_than_the_first(family, tmp_path):
+    """Documented difference: the final norm and lm_head merge every source of the last slice. MergeKit 0.1.5
+    zips the last slice's models with the first slice's list, so it drops the sources beyond that count."""
+    base, (e0, e1) = family
+    data = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [{"model": m, "layer_range": [0, 2], "parameters": {"weight": 1.0}} for m in (e0, e1)]},
+        {"sources": [{"model": m, "layer_range": [2, 4], "parameters": {"weight": 1.0}} for m in (e0, e1, base)]}]}
+    a, b = state(ours(data, tmp_path / "ours")), state(mergekit(data, tmp_path / "mk"))
+    heads = [state(Path(m))["lm_head.weight"] for m in (e0, e1, base)]
+    assert (a["lm_head.weight"] - sum(heads) / 3).abs().max().item() <= TOL
+    assert (b["lm_head.weight"] - sum(heads[:2]) / 2).abs().max().item() <= TOL
+    assert (a["model.layers.3.mlp.up_proj.weight"] - b["model.layers.3.mlp.up_proj.weight"]).abs().max() <= TOL
+
+
+# ------------------------------------------------------------------ other families, MergeKit's `modules:`
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, tuple[str, list[str]]]:
+    """Tiny GPT-2 (`transformer.h.N`), LLaVA (`language_model.model.layers.N`, a CLIP tower) and Mistral3 (a
+    MergeKit `modules` architecture: text_decoder, vision_tower, multi_modal_projector), 3 layers each."""
+    try:
+        from tests.test_architectures import build
+    except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+        from test_architectures import build
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in ("gpt2", "llava", "mistral3"):
+        base, experts = build(root, family)
+        out[family] = (str(base), [str(e) for e in experts])
+    return out
+
+
+def _layers(path: Path, *keys: str) -> list[int]:
+    cfg = json.loads((path / "config.json").read_text())
+    return [cfg[k] if "." not in k else cfg[k.split(".")[0]][k.split(".")[1]] for k in keys]
+
+
+@pytest.mark.parametrize("method", ["passthrough", "ties"])
+def test_gpt2_slices(families, tmp_path, method):
+    """`transformer.h.N` layers stacked (passthrough: 4 output layers from two models) or merged per slice with
+    a gradient and a slice base_model; config.json's `n_layer` follows."""
+    base, (e0, e1) = families["gpt2"]
+    if method == "passthrough":
+        data = {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": e0, "layer_range": [0, 2]}]},
+            {"sources": [{"model": e1, "layer_range": [1, 3], "parameters": {"scale": 0.5}}]}]}
+    else:
+        data = {"merge_method": "ties", "base_model": base, "parameters": {"density": [0.3, 0.9], "weight": 0.5},
+                "slices": [{"sources": [{"model": m, "layer_range": [0, 2]} for m in (base, e0, e1)]},
+                           {"base_model": e0,
+                            "sources": [{"model": m, "layer_range": [2, 3]} for m in (base, e0, e1)]}]}
+    out = check_against_mergekit(f"gpt2_{method}", data, tmp_path)
+    n = 4 if method == "passthrough" else 3
+    assert _layers(tmp_path / "ours", "n_layer") == _layers(tmp_path / "mergekit", "n_layer") == [n]
+    if method == "passthrough":
+        fc = "transformer.h.{}.mlp.c_fc.weight"
+        assert torch.equal(out[fc.format(3)], state(Path(e1))[fc.format(2)] * 0.5)
+
+
+def test_llava_slices(families, tmp_path):
+    """MergeKit 0.1.5 has no LLaVA architecture (so no differential): the language model's layers are stacked,
+    the vision tower and projector come with the embeddings from the first slice, `text_config` gets the count,
+    and transformers loads the result."""
+    import transformers
+
+    _, (e0, e1) = families["llava"]
+    data = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": e0, "layer_range": [0, 3]}]}, {"sources": [{"model": e1, "layer_range": [1, 3]}]}]}
+    out = state(ours(data, tmp_path / "ours"))
+    src0, src1 = state(Path(e0)), state(Path(e1))
+    q = "language_model.model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(out[q.format(4)], src1[q.format(2)]) and torch.equal(out[q.format(1)], src0[q.format(1)])
+    assert all(torch.equal(out[n], src0[n]) for n in src0 if n.startswith(("vision_tower.", "multi_modal_projector.")))
+    assert torch.equal(out["language_model.lm_head.weight"], src1["language_model.lm_head.weight"])
+    assert _layers(tmp_path / "ours", "text_config.num_hidden_layers") == [5]
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours")
+    assert len(model.model.language_model.layers) == 5
+
+
+def mistral3_modules(base: str, experts: list[str]) -> dict:
+    e0, e1 = experts
+    trio = (base, e0, e1)
+    return {"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5, "weight": 0.5}, "modules": {
+        "text_decoder": {"slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in trio]},
+            {"sources": [{"model": m, "layer_range": [1, 3]} for m in trio], "parameters": {"density": [0.2, 0.8]}}]},
+        "vision_tower": {"parameters": {"weight": 0.9}, "slices": [
+            {"sources": [{"model": m, "layer_range": [0, 2]} for m in trio]},
+            {"base_model": e1, "sources": [{"model": m, "layer_range": [1, 2]} for m in trio]}]},
+        "multi_modal_projector": {"models": [{"model": e0}, {"model": e1, "parameters": {"weight": 0.3}}],
+                                  "parameters": {"density": 0.3}}}}
+
+
+def test_mistral3_modules(families, tmp_path):
+    """MergeKit's `modules:` on its Mistral3 architecture: per-module slices (4 text layers, 3 vision tower
+    layers, one with its own base_model), module parameters between the slice's and the global ones, and a
+    module given as `models:`; both layer counts in config.json."""
+    base, experts = families["mistral3"]
+    check_against_mergekit("mistral3_modules", mistral3_modules(base, experts), tmp_path)
+    keys = ("text_config.num_hidden_layers", "vision_config.num_hidden_layers")
+    assert _layers(tmp_path / "ours", *keys) == _layers(tmp_path / "mergekit", *keys) == [4, 3]
+
+
+def test_modules_bad_input(families, family, tmp_path):
+    base, experts = families["mistral3"]
+    data = mistral3_modules(base, experts)
+    del data["modules"]["multi_modal_projector"]
+    msg = refused(data, tmp_path)
+    assert msg.endswith("belongs to module 'multi_modal_projector', which is not listed; list it (MergeKit would "
+                        "leave it out of the output)")
+    data = mistral3_modules(base, experts)
+    data["modules"]["audio_tower"] = data["modules"].pop("multi_modal_projector")
+    msg = refused(data, tmp_path)
+    assert msg.endswith(f"modules.audio_tower: no tensor of {base} belongs to it (its modules: text_decoder, "
+                        f"multi_modal_projector, vision_tower)")
+    data = mistral3_modules(base, experts)
+    data["modules"]["vision_tower"]["slices"][1]["sources"][0]["layer_range"] = [1, 3]
+    msg = refused(data, tmp_path)
+    assert "modules.vision_tower.slices[1].sources[0].layer_range [1, 3] is outside" in msg and "(2 layers)" in msg
+    llama, (e0, _) = family  # MergeKit's single-module name `default` is the whole model
+    check_against_mergekit("default_module", {"merge_method": "task_arithmetic", "base_model": llama, "modules": {
+        "default": {"slices": [{"sources": [{"model": m, "layer_range": [0, 4]} for m in (llama, e0)]}],
+                    "parameters": {"weight": 0.4}}}}, tmp_path)

@@ -87,7 +87,8 @@ class ParamSpec:
 
 
 # What a configured base_model is to a method that runs without one (needs_base False), after MergeKit's
-# BasePolicy: "listed" (linear): a merged model only where `models` lists it; "reference" (OPTIONAL: nuslerp,
+# BasePolicy: "listed" (linear): a merged model where `models` lists it, or (as MergeKit) where a global
+# `weight` gives it one (`engine._base_appended`); "reference" (OPTIONAL: nuslerp,
 # multislerp): never merged, the method interpolates task vectors from it (`MethodParams.has_base`); "input"
 # (IGNORED: karcher): merged as one more model, appended to `models` unless listed there.
 BASE_ROLES = ("listed", "reference", "input")
