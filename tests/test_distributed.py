@@ -383,6 +383,45 @@ def test_stalled_merge_times_out_naming_the_worker(local_ray, job, tmp_path):
         pool.close()
 
 
+@pytest.mark.parametrize(("method", "k"), [("regmean", 2), ("fisher", 4)])
+def test_data_aware_merge_distributed_equals_single_process(pools, family, calib_text, tmp_path, monkeypatch,
+                                                            method, k):
+    """The experts' statistics come from the pipeline (one pass per expert over K stages), each shard's writer
+    gets only its tensors' statistics, and the output (with AIM) is the single process's byte for byte."""
+    import yaml
+
+    from aim_ray.driver import _statistics_per_shard
+    from aim_ray.statistics import attach_statistics
+
+    base, experts = family
+    data = {"dataset": str(calib_text), "n_samples": 24, "block_size": 128, "micro_batch": 2}
+    raw = {"merge_method": method, "base_model": str(base),
+           "models": [{"model": str(e), "data": {**data, "n_samples": 24 + 4 * i}} for i, e in enumerate(experts)],
+           "aim": {"omega": 0.4, "calibration": {**data, "n_samples": 40}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_merge_config(tmp_path / "cfg.yaml")
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_single"))
+    single = prepare(cfg, shard_size=SHARD)
+    relax, metadata, report = aim_for_job(single)
+    report.update(attach_statistics(single))
+    ref = run_merge(single, tmp_path / "ref", relax=relax, metadata=metadata, report=report, progress=False)
+    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_ray"))  # no cache hit: the pipeline runs
+    monkeypatch.setattr("aim_ray.statistics.InProcess.collect", None)  # and nothing is collected in process
+    dist = prepare(cfg, shard_size=SHARD)
+    out = distributed_merge(dist, tmp_path / "out", pools[k].options, pool=pools[k], aim=pool_aim(dist),
+                            progress=False)
+    assert_same_checkpoint(ref, out)
+    assert len(list((tmp_path / "cache_ray" / "statistics").glob("*.safetensors"))) == len(experts)
+    stats = json.loads((out / "merge_report.json").read_text())["statistics"]
+    assert stats["kind"] == ("gram" if method == "regmean" else "fisher")
+    assert [e["n_samples"] for e in stats["experts"]] == [24, 28, 32]
+    parts = {i: ray.get(r) for i, r in _statistics_per_shard(dist, range(len(dist.shards))).items()}
+    for i, part in parts.items():
+        for s, full in zip(part.experts, dist.statistics.experts, strict=True):
+            assert set(s.tensors) == full.keys_for([t.name for t in dist.shards[i]]), i
+    assert set().union(*(p.experts[0].tensors for p in parts.values())) == set(dist.statistics.experts[0].tensors)
+
+
 # ------------------------------------------------------------------------------------- multi-node fault
 
 
@@ -464,42 +503,3 @@ def test_lost_node_without_capacity_moves_its_shards(job, reference, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-@pytest.mark.parametrize(("method", "k"), [("regmean", 2), ("fisher", 4)])
-def test_data_aware_merge_distributed_equals_single_process(pools, family, calib_text, tmp_path, monkeypatch,
-                                                            method, k):
-    """The experts' statistics come from the pipeline (one pass per expert over K stages), each shard's writer
-    gets only its tensors' statistics, and the output (with AIM) is the single process's byte for byte."""
-    import yaml
-
-    from aim_ray.driver import _statistics_per_shard
-    from aim_ray.statistics import attach_statistics
-
-    base, experts = family
-    data = {"dataset": str(calib_text), "n_samples": 24, "block_size": 128, "micro_batch": 2}
-    raw = {"merge_method": method, "base_model": str(base),
-           "models": [{"model": str(e), "data": {**data, "n_samples": 24 + 4 * i}} for i, e in enumerate(experts)],
-           "aim": {"omega": 0.4, "calibration": {**data, "n_samples": 40}}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_merge_config(tmp_path / "cfg.yaml")
-    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_single"))
-    single = prepare(cfg, shard_size=SHARD)
-    relax, metadata, report = aim_for_job(single)
-    report.update(attach_statistics(single))
-    ref = run_merge(single, tmp_path / "ref", relax=relax, metadata=metadata, report=report, progress=False)
-    monkeypatch.setenv("AIM_RAY_CACHE", str(tmp_path / "cache_ray"))  # no cache hit: the pipeline runs
-    monkeypatch.setattr("aim_ray.statistics.InProcess.collect", None)  # and nothing is collected in process
-    dist = prepare(cfg, shard_size=SHARD)
-    out = distributed_merge(dist, tmp_path / "out", pools[k].options, pool=pools[k], aim=pool_aim(dist),
-                            progress=False)
-    assert_same_checkpoint(ref, out)
-    assert len(list((tmp_path / "cache_ray" / "statistics").glob("*.safetensors"))) == len(experts)
-    stats = json.loads((out / "merge_report.json").read_text())["statistics"]
-    assert stats["kind"] == ("gram" if method == "regmean" else "fisher")
-    assert [e["n_samples"] for e in stats["experts"]] == [24, 28, 32]
-    parts = {i: ray.get(r) for i, r in _statistics_per_shard(dist, range(len(dist.shards))).items()}
-    for i, part in parts.items():
-        for s, full in zip(part.experts, dist.statistics.experts, strict=True):
-            assert set(s.tensors) == full.keys_for([t.name for t in dist.shards[i]]), i
-    assert set().union(*(p.experts[0].tensors for p in parts.values())) == set(dist.statistics.experts[0].tensors)
