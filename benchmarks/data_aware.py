@@ -115,7 +115,8 @@ def yaml_config(world):
     from aim_ray.config import MergeConfig, parse_config
 
     return parse_config(MergeConfig, {"merge_method": "task_arithmetic", "base_model": str(world.base),
-                                      "models": [{"model": str(p)} for p in world.experts.values()]}, "bench")
+                                      "models": [{"model": str(p), "parameters": {"weight": 1.0}}
+                                                 for p in world.experts.values()]}, "bench")
 
 
 def heap_part(root: Path, layers: int) -> None:
@@ -128,7 +129,8 @@ def heap_part(root: Path, layers: int) -> None:
         base, experts = build_model_set(root / f"heap-l{depth}", 1, hidden=512, intermediate=1408, layers=depth,
                                         vocab=8000)
         job = prepare(parse_config(MergeConfig, {"merge_method": "task_arithmetic", "base_model": str(base),
-                                                 "models": [{"model": str(experts[0])}]}, "bench"))
+                                                 "models": [{"model": str(experts[0]), "parameters": {"weight": 1.0}}]},
+                                    "bench"))
         blocks = torch.randint(0, 8000, (4, 128), generator=torch.Generator().manual_seed(0))
         with WorkerPool(ClusterOptions(workers=2, cpus_per_worker=1, gpus_per_worker=0)) as pool:
             idle = ray.get([a.peak_rss_mb.remote() for a in pool.actors], timeout=60)
