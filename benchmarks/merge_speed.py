@@ -1,6 +1,7 @@
 """aim-ray merge vs mergekit-yaml, side by side in one run, plus the I/O floor and peak heap vs N.
 
-    .venv/bin/python benchmarks/merge_speed.py [--root DIR] [--quick]
+    .venv/bin/python benchmarks/merge_speed.py [--root DIR] [--quick] [--skip-mergekit-heap]
+        [--methods M ...] [--skip-speed] [--heap-threads T]
 
 Speed: base + experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for every method in
 `METHODS` (3 experts, or what the method takes: slerp and nearswap 1, nuslerp 2), and a passthrough slices
@@ -97,25 +98,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model (~30M parameters), N up to 4")
     ap.add_argument("--skip-mergekit-heap", action="store_true",
                     help="skip MergeKit's ties heap vs N table (its N=16 run alone takes minutes)")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these methods' speed and heap rows")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the speed table")
+    ap.add_argument("--heap-threads", type=int, help="aim-ray's --threads in its heap rows (default: as shipped)")
     args = ap.parse_args()
+    methods = args.methods or list(METHODS)
+    speed_methods = [] if args.skip_speed else methods
     shape = dict(hidden=512, intermediate=1408, layers=4, vocab=8000) if args.quick else {}
     ns = [2, 4] if args.quick else [2, 4, 8, 16]
     base, experts = build_model_set(args.root, max(ns), **shape)
     work = args.root / "work"
     work.mkdir(exist_ok=True)
 
-    print("## speed: base + 3 experts")
+    print("## speed: base + 3 experts" if speed_methods else "## speed: skipped")
     print("I/O floor: read the 4 models, write and fsync one; measured right before each aim-ray run, since it "
           "moves with the page cache's dirty pages")
     print("| method | aim-ray s | aim-ray 1 thread s | mergekit s | speed-up | speed-up 1 thread | I/O floor s | "
           "aim-ray / I/O floor |")
     print("|---|---|---|---|---|---|---|---|")
-    for method in METHODS:
+    for method in speed_methods:
         n = METHODS[method][0]
         speed_row(f"{method} ({n})", method_yaml(work, method, base, experts), [base, *experts[:n]], work)
-    layers = shape.get("layers", 12)
-    speed_row(f"passthrough slices (2 x {layers - 1} layers)", frankenmerge_yaml(work, experts, layers),
-              experts[:2], work)
+    if speed_methods and args.methods is None:
+        layers = shape.get("layers", 12)
+        speed_row(f"passthrough slices (2 x {layers - 1} layers)", frankenmerge_yaml(work, experts, layers),
+                  experts[:2], work)
 
     if not args.skip_mergekit_heap:
         print("\n## peak heap (anonymous RSS), ties density 0.5")
@@ -124,19 +131,20 @@ def main() -> None:
         first = None
         for n in ns:
             cfg = method_yaml(work, "ties", base, experts, n)
-            ours = run_tool("aim-ray", cfg, work / "out")
+            ours = run_tool("aim-ray", cfg, work / "out", threads=args.heap_threads)
             theirs = run_tool("mergekit", cfg, work / "out")
             first = first or ours.peak_anon_mb
             print(f"| {n} | {ours.peak_anon_mb:.0f} | {theirs.peak_anon_mb:.0f} | {ours.seconds:.2f} | "
                   f"{theirs.seconds:.2f} |", flush=True)
         print(f"\naim-ray peak heap growth N={ns[0]} -> N={ns[-1]}: {100 * (ours.peak_anon_mb / first - 1):+.1f}%")
 
-    print(f"\n## aim-ray peak heap of every streaming method, N={ns[0]} vs N={ns[-1]}")
+    threads = f"--threads {args.heap_threads}" if args.heap_threads else "threads as shipped"
+    print(f"\n## aim-ray peak heap of every streaming method, N={ns[0]} vs N={ns[-1]} ({threads})")
     print(f"| method | N={ns[0]} MB | N={ns[-1]} MB | growth |")
     print("|---|---|---|---|")
-    for method in STREAMING:
-        small, large = (run_tool("aim-ray", method_yaml(work, method, base, experts, n), work / "out")
-                        for n in (ns[0], ns[-1]))
+    for method in (m for m in STREAMING if m in methods):
+        small, large = (run_tool("aim-ray", method_yaml(work, method, base, experts, n), work / "out",
+                                 threads=args.heap_threads) for n in (ns[0], ns[-1]))
         print(f"| {method} | {small.peak_anon_mb:.0f} | {large.peak_anon_mb:.0f} | "
               f"{100 * (large.peak_anon_mb / small.peak_anon_mb - 1):+.1f}% |", flush=True)
 
