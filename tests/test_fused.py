@@ -137,6 +137,28 @@ def test_rank_bounds_equal_torch_sort_and_sorted_range_mask(data):
             assert (sorted_range_mask(w.abs(), lo, hi, descending).numpy() == expected).all(), (lo, hi)
 
 
+def test_compact_edge_bitset_is_the_full_one_at_the_edge_entries():
+    """The kernels' compact bitset: one bit per entry whose |tau| is a bound, in position order; two experts
+    packed one after the other (the combine's layout)."""
+    g = torch.Generator().manual_seed(9)
+    base = K.flat_bits(torch.zeros(6000, dtype=torch.bfloat16))
+    taus = [(torch.randint(-3, 4, (6000,), generator=g) * 0.25).to(torch.bfloat16) for _ in range(2)]
+    packed = []
+    for tau, (lo, hi, descending) in zip(taus, [(0, 2500, True), (1700, 4100, False)], strict=True):
+        a = tau.float().abs().view(torch.int32).numpy().astype(np.int64)
+        bounds, full = K.rank_bounds(base, K.flat_bits(tau), lo, hi, descending)
+        bounds_c, compact = K.rank_bounds(base, K.flat_bits(tau), lo, hi, descending, compact=True)
+        assert (bounds == bounds_c).all() and bounds[2] == 0  # these boundaries split groups
+        edges = np.flatnonzero((a == bounds[0]) | (a == bounds[1]))
+        assert compact.size == (edges.size + 7) // 8 < full.size
+        expected = (full[edges >> 3] >> (edges & 7)) & 1
+        assert (np.unpackbits(compact, bitorder="little")[:edges.size] == expected).all()
+        packed.append(compact)
+    bits, offsets = K.pack_bitsets([None, packed[0], None, packed[1]])
+    assert offsets.tolist() == [0, 0, packed[0].size, packed[0].size]
+    assert bits.tolist() == packed[0].tolist() + packed[1].tolist() + [0]
+
+
 # -------------------------------------------------------------------------------------- random generator
 
 

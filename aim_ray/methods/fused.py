@@ -69,15 +69,16 @@ def fused_gta(inputs: TensorInputs, params: MethodParams, sparsification: str | 
         else:
             modes[i] = K.MODE_RANK
             bounds[i], edge_bits[i] = K.rank_bounds(
-                base, expert, *_rank_range(sparsification, n, density, p.get("gamma", 0.0)))
+                base, expert, *_rank_range(sparsification, n, density, p.get("gamma", 0.0)), compact=True)
         own = edge_bits[i] if edge_bits[i] is not None else _NO_BITS
         scales[i], divide[i] = _rescale(base, expert, norm, modes[i], bounds[i], own, keys[i], probs[i], density)
     lam = float(params.shared["lambda"])
     out = np.empty(n, np.float32)
     addresses = np.array([e.ctypes.data for e in experts], np.int64)  # `experts` keeps them alive
-    bad = K._combine(base, addresses, modes, bounds, _bitsets(edge_bits, n), keys, probs, scales, divide, weights,
-                     consensus, bool(params.shared["normalize"]), _weight_sum(params, count), np.float32(lam),
-                     lam != 1, out)
+    bits, offsets = K.pack_bitsets(edge_bits)
+    del edge_bits
+    bad = K._combine(base, addresses, modes, bounds, bits, offsets, keys, probs, scales, divide, weights, consensus,
+                     bool(params.shared["normalize"]), _weight_sum(params, count), np.float32(lam), lam != 1, out)
     if bad:
         verify = getattr(inputs, "verify_finite", None)
         if verify is not None:
@@ -100,17 +101,6 @@ def _stored_views(inputs: TensorInputs):
     if len({e.dtype for e in views}) != 1:
         return None  # one storage format for all (the kernels see the experts as base-typed arrays)
     return tuple(tensors[0].shape), base, experts
-
-
-def _bitsets(edge_bits: list[np.ndarray | None], n: int) -> np.ndarray:
-    """The experts' edge bitsets as the rows of one array (zeros where unused; 1-byte rows if none is used)."""
-    if all(b is None for b in edge_bits):
-        return np.zeros((len(edge_bits), 1), np.uint8)
-    rows = np.zeros((len(edge_bits), (n + 7) // 8), np.uint8)
-    for i, b in enumerate(edge_bits):
-        if b is not None:
-            rows[i] = b
-    return rows
 
 
 def _rank_range(sparsification: str, n: int, density: float, gamma: float) -> tuple[int, int, bool]:

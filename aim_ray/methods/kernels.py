@@ -8,7 +8,9 @@ its stored dtype (bf16 / f16 / f32 bits, memory-mapped) and compute tau = expert
   with a two-level radix select on the bits of |tau|: one pass histograms the high 16 bits, a second collects
   the low bits of the few entries in the boundaries' buckets. Where a boundary splits a group of equal
   |tau|, `stdsort` replays MergeKit's (torch's CPU) sort around it and a bitset marks the kept entries of
-  the boundary groups, exactly as `sparsify.sorted_range_mask` does;
+  the boundary groups, exactly as `sparsify.sorted_range_mask` does. The combine pass gets that bitset
+  compact: one bit per boundary-group entry, in position order (on bf16 inputs 1-3% of the entries tie at a
+  boundary), so what each expert holds until the combine is O(ties / 8) bytes, not O(n / 8);
 - random trimming (DARE) draws its mask from a counter-based generator (`uniform24`), so a second pass
   redraws the same mask without storing it, and any slice of a tensor can be drawn independently;
 - one combine pass walks the tensor in cache-sized chunks, streams over the experts and accumulates the
@@ -36,7 +38,9 @@ NORM_L1, NORM_L2, NORM_LINF = 1, 2, 3
 ABS_MASK = 0x7FFFFFFF
 NONFINITE = 0x7F800000  # |tau| bits at or above this: Inf or NaN
 # A rank set (lower, upper, all_edges): entry j with |tau| bits a is kept iff lower < a < upper, or a is
-# lower or upper and (all_edges or bit j of the expert's bitset is set). EMPTY keeps nothing, ALL all.
+# lower or upper (an edge entry) and (all_edges or the expert's edge bitset marks it). The kernels read the
+# compact bitset: bit c for the c-th edge entry in position order (see `rank_bounds`). EMPTY keeps nothing,
+# ALL all.
 EMPTY = (-1, -1, 1)
 ALL = (-1, 1 << 32, 1)
 CHUNK = 4096  # elements per combine chunk: the accumulators stay in L1/L2
@@ -127,12 +131,8 @@ def uniform24(key, j):
 
 
 @njit(inline="always")
-def _kept(a, j, bounds, bits):
-    """In the rank set `bounds` (see EMPTY); `bits` is read only where bounds[2] is 0."""
-    a = np.int64(a)
-    edge = (a == bounds[0]) | (a == bounds[1])
-    marked = bounds[2] != 0 or ((bits[j >> 3] >> (j & 7)) & 1) != 0
-    return ((a > bounds[0]) & (a < bounds[1])) | (edge & marked)
+def _bit(bits, c):
+    return (bits[c >> 3] >> (c & 7)) & 1
 
 
 # ------------------------------------------------------------------------------------------- the kernels
@@ -172,12 +172,17 @@ def _kept_norms(base, expert, mode, bounds, bits, key, prob, norm):
     """(norm of tau, norm of the kept entries), accumulated in float64, for rescaling."""
     before = 0.0
     after = 0.0
+    lower, upper, all_edges = bounds[0], bounds[1], bounds[2] != 0
+    c = 0  # edge entries so far: the index into the compact bitset
     for j in range(base.size):
         t, a = _tau_bits(base, expert, j)
         if mode == MODE_RANDOM:
             keep = uniform24(key, j) < prob
         else:
-            keep = _kept(a, j, bounds, bits)
+            a = np.int64(a)
+            edge = (a == lower) | (a == upper)
+            keep = ((a > lower) & (a < upper)) | (edge & (all_edges or _bit(bits, c) != 0))
+            c += edge
         v = abs(np.float64(t))
         if norm == NORM_L2:
             v = v * v
@@ -195,12 +200,12 @@ def _kept_norms(base, expert, mode, bounds, bits, key, prob, norm):
 
 
 @njit(nogil=True, cache=True)
-def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, weights, consensus, normalize, div,
-             lam, apply_lambda, out):
+def _combine(base, experts, modes, bounds, bits, offsets, keys, probs, scales, divide, weights, consensus, normalize,
+             div, lam, apply_lambda, out):
     """delta = lambda * normalize(sum_i w_i * rescale(mask_i * tau_i)), with sign consensus or not, chunk by
     chunk. `experts`: the addresses of the experts' arrays (same shape and dtype as base). Returns the number
-    of non-finite tau entries met (Inf/NaN inputs, or an overflow). `bits`: the experts' edge bitsets, rows
-    of (n + 7) // 8 bytes (or of 1 byte when no expert needs one).
+    of non-finite tau entries met (Inf/NaN inputs, or an overflow). `bits`: the experts' compact edge bitsets
+    one after the other, expert i's from byte offsets[i] (see `pack_bitsets`).
 
     Every branch on the mode or an option sits outside the element loops, which stay simple enough for
     LLVM to vectorize."""
@@ -212,7 +217,8 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
     signed = np.empty(CHUNK, np.float32)  # sum_i D_i in expert order: the majority sign, as MergeKit's sum
     theta = np.empty(CHUNK, np.float32)
     d = np.empty(CHUNK, np.float32)
-    flag = np.empty(CHUNK, np.uint8)  # a chunk's edge bits, unpacked
+    flag = np.empty(CHUNK, np.uint8)  # a chunk's rank tests: bit 0 inside the bounds, bit 1 an edge entry
+    cursors = np.zeros(experts.size, np.int64)  # each expert's edge entries before the chunk
     zero = np.float32(0.0)
     bad = 0
     for start in range(0, n, CHUNK):
@@ -229,8 +235,8 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
             signed[k] = zero
         for i in range(experts.size):
             chunk = _like(base, experts[i])[start:start + size]  # a slice indexed from 0: see _apply_delta
-            bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], bits[i], flag, keys[i],
-                                 probs[i], scales[i], divide[i], weights[i], d)
+            bad += _contribution(chunk, theta, start, size, modes[i], bounds[i], bits, offsets[i], cursors, i, flag,
+                                 keys[i], probs[i], scales[i], divide[i], weights[i], d)
             w = weights[i]
             if consensus:
                 for k in range(size):
@@ -259,9 +265,11 @@ def _combine(base, experts, modes, bounds, bits, keys, probs, scales, divide, we
 
 
 @njit(inline="always")
-def _contribution(expert, theta, start, size, mode, bounds, bits, flag, key, prob, scale, divide, weight, d):
-    """d[:size] = weight * rescale(mask * tau) of one expert over the chunk `expert` (entries start.. of the
-    tensor); returns its non-finite count."""
+def _contribution(expert, theta, start, size, mode, bounds, bits, offset, cursors, i, flag, key, prob, scale, divide,
+                  weight, d):
+    """d[:size] = weight * rescale(mask * tau) of expert i over the chunk `expert` (entries start.. of the
+    tensor); returns its non-finite count. Its compact edge bits start at bits[offset], cursors[i] of them
+    belong to the chunks before."""
     bad = 0
     if mode == MODE_DENSE:
         for k in range(size):
@@ -269,8 +277,8 @@ def _contribution(expert, theta, start, size, mode, bounds, bits, flag, key, pro
             bad += (_f32_as_bits(t) & np.uint32(ABS_MASK)) >= np.uint32(NONFINITE)
             d[k] = t
     elif mode == MODE_RANK:
-        # Two branch-free loops (LLVM vectorizes them): all entries equal to the bounds kept, or the chunk's
-        # bits unpacked first (start is a multiple of 8).
+        # All entries equal to the bounds kept: one branch-free loop (LLVM vectorizes it). Else a vectorized
+        # loop tests the entries and a short serial one walks the compact edge bits.
         lower, upper = np.int64(bounds[0]), np.int64(bounds[1])
         if bounds[2] != 0:
             for k in range(size):
@@ -280,13 +288,19 @@ def _contribution(expert, theta, start, size, mode, bounds, bits, flag, key, pro
                 d[k] = t * np.float32((a >= lower) & (a <= upper))
         else:
             for k in range(size):
-                flag[k] = (bits[(start + k) >> 3] >> (k & 7)) & 1
-            for k in range(size):
                 t = _decode(expert[k]) - theta[k]
                 a = np.int64(_f32_as_bits(t) & np.uint32(ABS_MASK))
                 bad += a >= NONFINITE
-                edge = (a == lower) | (a == upper)
-                d[k] = t * np.float32(((a > lower) & (a < upper)) | (edge & (flag[k] != 0)))
+                flag[k] = np.uint8((a > lower) & (a < upper)) | (np.uint8((a == lower) | (a == upper)) << 1)
+                d[k] = t
+            c = cursors[i]
+            for k in range(size):
+                edge = np.int64(flag[k] >> 1)
+                # bits has a byte past the last expert's: the read at c == its edge count is harmless
+                keep = (flag[k] & 1) | (edge & _bit(bits, offset * 8 + c))
+                d[k] = d[k] * np.float32(keep)
+                c += edge
+            cursors[i] = c
     else:
         for k in range(size):
             t = _decode(expert[k]) - theta[k]
@@ -387,17 +401,18 @@ def _pack_abs(base, expert, descending, out):
         out[j] = stdsort.entry(_tau_bits(base, expert, j)[1], j, descending)
 
 
-def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descending: bool
+def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descending: bool, compact: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The rank set (see EMPTY) of the entries at positions [lo, hi) of torch's CPU argsort of |tau| =
-    |expert - base| (descending or not), as 3 int64, and the edge bitset when one is needed (else None)."""
+    |expert - base| (descending or not), as 3 int64, and the edge bitset when one is needed (else None): bit j
+    for entry j, or with `compact` what the kernels read, bit c for the c-th edge entry in position order."""
     n = base.size
     lo, hi = max(lo, 0), min(hi, n)
     if hi <= lo or (lo == 0 and hi == n):
         return np.array(EMPTY if hi <= lo else ALL, np.int64), None
     hist = np.zeros(1 << 15, np.int64)
     _abs_histogram(base, expert, hist)
-    (last, take, group), (first, before, _) = _rank_keys(base, expert, hist, [hi, lo + 1], descending)
+    (last, take, group), (first, before, first_group) = _rank_keys(base, expert, hist, [hi, lo + 1], descending)
     bounds = np.array([min(first, last), max(first, last), 1], np.int64)
     if take == group and before == 1:
         return bounds, None  # neither boundary splits a group of equal |tau|
@@ -405,8 +420,41 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descendi
     _pack_abs(base, expert, descending, v)
     bits = np.zeros((n + 7) // 8, np.uint8)
     stdsort.mark(stdsort.replay(v, lo, hi), lo, hi, first, last, descending, bits)
+    del v
     bounds[2] = 0
-    return bounds, bits
+    if not compact:
+        return bounds, bits
+    edges = group + (first_group if first != last else 0)
+    out = np.zeros((edges + 7) // 8, np.uint8)
+    if _compact_edges(base, expert, bounds, bits, out) != edges:
+        raise AssertionError("edge entries miscounted")  # a bug, never the input's fault
+    return bounds, out
+
+
+@njit(nogil=True, cache=True)
+def _compact_edges(base, expert, bounds, bits, out):
+    """out: bit c = bit j of `bits` for the c-th entry j (in position order) whose |tau| bits are bounds[0] or
+    bounds[1]; returns how many there are."""
+    c = 0
+    for j in range(base.size):
+        a = np.int64(_tau_bits(base, expert, j)[1])
+        if a == bounds[0] or a == bounds[1]:
+            if _bit(bits, j):
+                out[c >> 3] |= np.uint8(1 << (c & 7))
+            c += 1
+    return c
+
+
+def pack_bitsets(bitsets: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The experts' compact edge bitsets (None: none needed) one after the other, plus one spare byte, and the
+    byte offset of each: `_combine`'s bits and offsets."""
+    sizes = np.array([0 if b is None else b.size for b in bitsets], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    out = np.zeros(int(sizes.sum()) + 1, np.uint8)
+    for b, o in zip(bitsets, offsets, strict=True):
+        if b is not None:
+            out[o:o + b.size] = b
+    return out, offsets
 
 
 def _rank_keys(base: np.ndarray, expert: np.ndarray, hist: np.ndarray, ranks: list[int], descending: bool
