@@ -541,6 +541,20 @@ def test_karcher_edge_cases():
     close(merge("karcher", tiny, has_base=False), x / x.norm() * (x.norm() + torch.full((5, 4), 1e-7).norm()) / 2)
 
 
+def test_karcher_sliced_gram_in_several_slices(monkeypatch):
+    """The Gram's scratch is fixed (each model's slice shrinks as N grows): several slices, the last partial."""
+    from aim_ray.methods import karcher
+
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(1000, generator=g) for _ in range(5)]
+    monkeypatch.setattr(karcher, "_GRAM_SCRATCH", 1200)  # 240 elements of each model: 5 slices, the last 40
+    monkeypatch.setattr(karcher, "_GRAM_MIN_SLICE", 16)
+    x = torch.stack(xs).double()
+    torch.testing.assert_close(karcher._sliced_gram(xs), x @ x.T, rtol=1e-12, atol=0)
+    monkeypatch.setattr(karcher, "_GRAM_SCRATCH", 5 * 2000)  # one slice, clipped to the tensor
+    torch.testing.assert_close(karcher._sliced_gram(xs), x @ x.T, rtol=1e-12, atol=0)
+
+
 def ref_sce(taus, topk):
     taus = taus.clone()
     n = len(taus)

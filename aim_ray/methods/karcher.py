@@ -15,9 +15,10 @@ their weights renormalized over the rest (b_i). Then, with tol = 1e-5 and max_it
 
 Memory: every m and T is a combination of the u_i, so the iteration runs on coefficients c (m = sum_j c_j u_j)
 and the N x N Gram matrix of the models (float64): m . u_i = (G c)_i, |T|^2 = t' G t. Then
-merged = sum_j (scale c_j / n_j) x_j. Both G and that sum go over the stored tensors in 1M-element slices of
-every model at a time, summed in float64 (scratch: N slices), so memory does not grow with N where MergeKit
-holds all N tensors and their unit vectors; each model's stored bytes are read twice. Where a stored tensor
+merged = sum_j (scale c_j / n_j) x_j. Both G and that sum go over the stored tensors in slices, summed in
+float64: G in slices of every model at a time, 2M float64 elements in all (each model's slice shrinks as N
+grows), the sum one 1M-element slice at a time; so memory does not grow with N where MergeKit holds all N
+tensors and their unit vectors; each model's stored bytes are read twice. Where a stored tensor
 cannot be used as is (vocabulary rows to align), G takes pairs of full tensors (N (N + 1) / 2 reads, two
 alive) and the sum a float64 accumulator. The result is the exact one rounded once to float32; MergeKit's
 float32 iteration rounds more (~2 ulp of the largest weights: 1e-6 at magnitude 4).
@@ -31,7 +32,9 @@ import torch
 
 from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, register
 
-_SLICE = 1 << 20  # elements of each model per Gram slice
+_SLICE = 1 << 20  # elements per slice of the sum and of the pairwise Gram
+_GRAM_SCRATCH = 1 << 21  # float64 elements of the sliced Gram's scratch, all models together: flat in N
+_GRAM_MIN_SLICE = 1 << 14  # elements of each model per Gram slice, at least
 
 
 def karcher_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
@@ -104,11 +107,15 @@ def _slices(numel: int) -> range:
 
 
 def _sliced_gram(flat: list[torch.Tensor]) -> torch.Tensor:
-    n = len(flat)
+    n, numel = len(flat), flat[0].numel()
+    step = min(max(_GRAM_MIN_SLICE, _GRAM_SCRATCH // n), numel)
     gram = torch.zeros(n, n, dtype=torch.float64)
-    for s in _slices(flat[0].numel()):
-        x = torch.stack([f[s:s + _SLICE].double() for f in flat])
-        gram += x @ x.T
+    x = torch.empty(n, step, dtype=torch.float64)  # one buffer for every slice: no list of N slices and stack
+    for s in range(0, numel, step):
+        width = min(step, numel - s)
+        for row, f in zip(x, flat, strict=True):
+            row[:width].copy_(f[s:s + width])
+        gram += x[:, :width] @ x[:, :width].T
     return gram
 
 
