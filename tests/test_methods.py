@@ -581,6 +581,22 @@ def test_sce_matches_formula(name, shape, n, topk):
     close(merge("sce", tiny, shared={"select_topk": topk}), ref_sce(tiny.stacked_tau(), topk))
 
 
+@pytest.mark.parametrize("topk", [0.5, 1.0])
+def test_sce_in_slices_is_sce_in_one(topk, monkeypatch):
+    """The sum pass works in slices (and the variance): the same bits as in one slice."""
+    from aim_ray.methods import sce
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(24, 16, generator=g)
+    experts = [base + 0.1 * torch.randn(24, 16, generator=g) for _ in range(4)]
+    experts[0][:2] = base[:2]  # zero task vector entries
+    inputs = InMemoryInputs("model.layers.0.mlp.down_proj.weight", base, experts)
+    whole = merge("sce", inputs, shared={"select_topk": topk})
+    monkeypatch.setattr(sce, "_SLICE", 7)  # 55 slices, the last one partial
+    sliced = merge("sce", inputs, shared={"select_topk": topk})
+    assert torch.equal(sliced, whole)
+
+
 def test_sce_selection_keeps_k_elements_and_k_zero_keeps_the_base():
     inputs = make_inputs("w", (20, 10), 3)
     out = merge("sce", inputs, shared={"select_topk": 0.25})

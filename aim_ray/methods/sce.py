@@ -18,7 +18,7 @@ read in up to three passes: (1) Welford's mean and M2 in float64 for the varianc
 computes it (so equal variances stay equal, and the selected set is MergeKit's), (2) the weights' mean squares
 and the sum for the sign vote, (3) the weighted sum. Peak, whatever the number of experts (MergeKit stacks all
 N task vectors): pass 1 two float64 buffers, the expert read and 1M-element scratch; then the selection mask,
-the sign vote (bool), the two sums, the expert read and its weights (float32). Without selection, passes 2
+the sign vote (bool), the two sums, the expert read and 1M-element scratch. Without selection, passes 2
 and 3 only.
 """
 
@@ -49,18 +49,25 @@ def sce_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
         squares.append(t.square().mean())
         total = t if total is None else total.add_(t)
         del t
-    positive = total >= 0  # the sign vote: sum of the selected task vectors, in expert order
+    shape = total.shape
+    positive = (total >= 0).view(-1)  # the sign vote: sum of the selected task vectors, in expert order
     del total
     weights = _weights(torch.stack(squares))
-    mixed = divisor = None
+    mixed, divisor = torch.empty(positive.numel()), torch.empty(positive.numel())
     for i in range(n):
-        t = tau(i)
-        w = torch.where((t > 0) & positive | (t < 0) & ~positive, weights[i], 0.0)
-        t.mul_(w)
-        mixed = t if mixed is None else mixed.add_(t)
-        divisor = w if divisor is None else divisor.add_(w)
-        del t, w
-    return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR))
+        t = tau(i).view(-1)
+        for s in range(0, t.numel(), _SLICE):  # slice-sized temporaries: full-size ones fragmented the heap
+            ts, vote = t[s:s + _SLICE], positive[s:s + _SLICE]
+            w = torch.where((ts > 0) & vote | (ts < 0) & ~vote, weights[i], 0.0)
+            ts.mul_(w)
+            if i == 0:
+                mixed[s:s + _SLICE].copy_(ts)
+                divisor[s:s + _SLICE].copy_(w)
+            else:
+                mixed[s:s + _SLICE].add_(ts)
+                divisor[s:s + _SLICE].add_(w)
+        del t
+    return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).view(shape)
 
 
 def _weights(squares: torch.Tensor) -> torch.Tensor:
