@@ -138,25 +138,29 @@ def test_rank_bounds_equal_torch_sort_and_sorted_range_mask(data):
 
 
 def test_compact_edge_bitset_is_the_full_one_at_the_edge_entries():
-    """The kernels' compact bitset: one bit per entry whose |tau| is a bound, in position order; two experts
-    packed one after the other (the combine's layout)."""
+    """The kernels' compact bitset: one bit per entry whose |tau| is a bound, in position order (also where a
+    bound is a NaN, which the sort ties with every other NaN); experts packed one after the other (the
+    combine's layout)."""
     g = torch.Generator().manual_seed(9)
     base = K.flat_bits(torch.zeros(6000, dtype=torch.bfloat16))
-    taus = [(torch.randint(-3, 4, (6000,), generator=g) * 0.25).to(torch.bfloat16) for _ in range(2)]
+    taus = [(torch.randint(-3, 4, (6000,), generator=g) * 0.25).to(torch.bfloat16) for _ in range(3)]
+    nans = taus[2].view(torch.int16)
+    nans[torch.randperm(6000, generator=g)[:80]] = torch.tensor([0x7FC1] * 50 + [0x7FC2] * 30, dtype=torch.int16)
     packed = []
-    for tau, (lo, hi, descending) in zip(taus, [(0, 2500, True), (1700, 4100, False)], strict=True):
+    for tau, (lo, hi, descending) in zip(taus, [(0, 2500, True), (1700, 4100, False), (0, 40, True)], strict=True):
         a = tau.float().abs().view(torch.int32).numpy().astype(np.int64)
         bounds, full = K.rank_bounds(base, K.flat_bits(tau), lo, hi, descending)
         bounds_c, compact = K.rank_bounds(base, K.flat_bits(tau), lo, hi, descending, compact=True)
         assert (bounds == bounds_c).all() and bounds[2] == 0  # these boundaries split groups
+        assert (bounds[1] > 0x7F800000) == (tau is taus[2])  # a NaN bound
         edges = np.flatnonzero((a == bounds[0]) | (a == bounds[1]))
         assert compact.size == (edges.size + 7) // 8 < full.size
         expected = (full[edges >> 3] >> (edges & 7)) & 1
         assert (np.unpackbits(compact, bitorder="little")[:edges.size] == expected).all()
         packed.append(compact)
-    bits, offsets = K.pack_bitsets([None, packed[0], None, packed[1]])
-    assert offsets.tolist() == [0, 0, packed[0].size, packed[0].size]
-    assert bits.tolist() == packed[0].tolist() + packed[1].tolist() + [0]
+    bits, offsets = K.pack_bitsets([None, packed[0], None, packed[1], packed[2]])
+    assert offsets.tolist() == [0, 0, packed[0].size, packed[0].size, packed[0].size + packed[1].size]
+    assert bits.tolist() == packed[0].tolist() + packed[1].tolist() + packed[2].tolist()
 
 
 # -------------------------------------------------------------------------------------- random generator

@@ -217,7 +217,7 @@ def _combine(base, experts, modes, bounds, bits, offsets, keys, probs, scales, d
     signed = np.empty(CHUNK, np.float32)  # sum_i D_i in expert order: the majority sign, as MergeKit's sum
     theta = np.empty(CHUNK, np.float32)
     d = np.empty(CHUNK, np.float32)
-    flag = np.empty(CHUNK, np.uint8)  # a chunk's rank tests: bit 0 inside the bounds, bit 1 an edge entry
+    flag = np.empty(CHUNK, np.uint8)  # a chunk's edge entries (|tau| equal to a bound)
     cursors = np.zeros(experts.size, np.int64)  # each expert's edge entries before the chunk
     zero = np.float32(0.0)
     bad = 0
@@ -278,7 +278,7 @@ def _contribution(expert, theta, start, size, mode, bounds, bits, offset, cursor
             d[k] = t
     elif mode == MODE_RANK:
         # All entries equal to the bounds kept: one branch-free loop (LLVM vectorizes it). Else a vectorized
-        # loop tests the entries and a short serial one walks the compact edge bits.
+        # loop keeps those strictly inside and flags the edge entries, and a short one walks their bits.
         lower, upper = np.int64(bounds[0]), np.int64(bounds[1])
         if bounds[2] != 0:
             for k in range(size):
@@ -291,16 +291,15 @@ def _contribution(expert, theta, start, size, mode, bounds, bits, offset, cursor
                 t = _decode(expert[k]) - theta[k]
                 a = np.int64(_f32_as_bits(t) & np.uint32(ABS_MASK))
                 bad += a >= NONFINITE
-                flag[k] = np.uint8((a > lower) & (a < upper)) | (np.uint8((a == lower) | (a == upper)) << 1)
-                d[k] = t
-            c = cursors[i]
-            for k in range(size):
-                edge = np.int64(flag[k] >> 1)
-                # bits has a byte past the last expert's: the read at c == its edge count is harmless
-                keep = (flag[k] & 1) | (edge & _bit(bits, offset * 8 + c))
-                d[k] = d[k] * np.float32(keep)
-                c += edge
-            cursors[i] = c
+                flag[k] = (a == lower) | (a == upper)
+                d[k] = t * np.float32((a > lower) & (a < upper))
+            c = offset * 8 + cursors[i]
+            for k in range(size):  # the few edge entries (a predictable branch): those their bit keeps
+                if flag[k]:
+                    if _bit(bits, c):
+                        d[k] = (_decode(expert[k]) - theta[k]) * np.float32(1.0)
+                    c += 1
+            cursors[i] = c - offset * 8
     else:
         for k in range(size):
             t = _decode(expert[k]) - theta[k]
@@ -395,10 +394,19 @@ def select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
 
 
 @njit(nogil=True, cache=True)
-def _pack_abs(base, expert, descending, out):
-    """The packed `stdsort` entries of |tau|."""
+def _pack_abs(base, expert, descending, first, last, out):
+    """The packed `stdsort` entries of |tau|; the payload of the c-th entry whose |tau| bits are `first` or
+    `last` (-1: none) is c, not its index (the sort moves payloads, never compares them). Returns the count
+    of those entries."""
+    c = 0
     for j in range(base.size):
-        out[j] = stdsort.entry(_tau_bits(base, expert, j)[1], j, descending)
+        a = _tau_bits(base, expert, j)[1]
+        if np.int64(a) == first or np.int64(a) == last:
+            out[j] = stdsort.entry(a, c, descending)
+            c += 1
+        else:
+            out[j] = stdsort.entry(a, j, descending)
+    return c
 
 
 def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descending: bool, compact: bool = False
@@ -416,13 +424,16 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descendi
     bounds = np.array([min(first, last), max(first, last), 1], np.int64)
     if take == group and before == 1:
         return bounds, None  # neither boundary splits a group of equal |tau|
+    bounds[2] = 0
+    # Sort keys are equal iff the |tau| bits are, but for NaNs (all one key): with no NaN bound, the edge
+    # entries' sort payloads are their ranks among the edge entries, so `mark` sets the compact bits directly.
+    direct = compact and max(first, last) < stdsort.KEY_LIMIT
     v = np.empty(n, np.int64)
-    _pack_abs(base, expert, descending, v)
-    bits = np.zeros((n + 7) // 8, np.uint8)
+    edges = _pack_abs(base, expert, descending, first if direct else -1, last if direct else -1, v)
+    bits = np.zeros(((edges if direct else n) + 7) // 8, np.uint8)
     stdsort.mark(stdsort.replay(v, lo, hi), lo, hi, first, last, descending, bits)
     del v
-    bounds[2] = 0
-    if not compact:
+    if direct or not compact:
         return bounds, bits
     edges = group + (first_group if first != last else 0)
     out = np.zeros((edges + 7) // 8, np.uint8)
@@ -434,7 +445,7 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descendi
 @njit(nogil=True, cache=True)
 def _compact_edges(base, expert, bounds, bits, out):
     """out: bit c = bit j of `bits` for the c-th entry j (in position order) whose |tau| bits are bounds[0] or
-    bounds[1]; returns how many there are."""
+    bounds[1]; returns how many there are. For a NaN bound only: `rank_bounds` marks the others directly."""
     c = 0
     for j in range(base.size):
         a = np.int64(_tau_bits(base, expert, j)[1])
@@ -446,11 +457,11 @@ def _compact_edges(base, expert, bounds, bits, out):
 
 
 def pack_bitsets(bitsets: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-    """The experts' compact edge bitsets (None: none needed) one after the other, plus one spare byte, and the
-    byte offset of each: `_combine`'s bits and offsets."""
+    """The experts' compact edge bitsets (None: none needed) one after the other, and the byte offset of each:
+    `_combine`'s bits and offsets."""
     sizes = np.array([0 if b is None else b.size for b in bitsets], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    out = np.zeros(int(sizes.sum()) + 1, np.uint8)
+    out = np.zeros(int(sizes.sum()), np.uint8)
     for b, o in zip(bitsets, offsets, strict=True):
         if b is not None:
             out[o:o + b.size] = b
