@@ -180,9 +180,11 @@ def _kept_norms(base, expert, mode, bounds, bits, key, prob, norm):
             keep = uniform24(key, j) < prob
         else:
             a = np.int64(a)
-            edge = (a == lower) | (a == upper)
-            keep = ((a > lower) & (a < upper)) | (edge & (all_edges or _bit(bits, c) != 0))
-            c += edge
+            if a == lower or a == upper:  # an edge entry: its bit is read only here
+                keep = all_edges or _bit(bits, c) != 0
+                c += 1
+            else:
+                keep = lower < a < upper
         v = abs(np.float64(t))
         if norm == NORM_L2:
             v = v * v
