@@ -6,11 +6,11 @@ its stored dtype (bf16 / f16 / f32 bits, memory-mapped) and compute tau = expert
 
 - rank trimming (TIES `magnitude`, breadcrumbs `magnitude_outliers`) finds each expert's boundary keys
   with a two-level radix select on the bits of |tau|: one pass histograms the high 16 bits, a second collects
-  the low bits of the few entries in the boundaries' buckets. Where a boundary splits a group of equal
-  |tau|, `stdsort` replays MergeKit's (torch's CPU) sort around it and a bitset marks the kept entries of
-  the boundary groups, exactly as `sparsify.sorted_range_mask` does. The combine pass gets that bitset
-  compact: one bit per boundary-group entry, in position order (on bf16 inputs 1-3% of the entries tie at a
-  boundary), so what each expert holds until the combine is O(ties / 8) bytes, not O(n / 8);
+  the low bits and positions of the few entries in the boundaries' buckets. Where a boundary splits a group
+  of equal |tau|, `stdsort` replays MergeKit's (torch's CPU) sort around it and a bitset marks the kept
+  entries of the boundary groups, exactly as `sparsify.sorted_range_mask` does. The combine pass gets that
+  bitset compact: one bit per boundary-group entry, in position order (on bf16 inputs 1-3% of the entries
+  tie at a boundary), so what each expert holds until the combine is O(ties / 8) bytes, not O(n / 8);
 - random trimming (DARE) draws its mask from a counter-based generator (`uniform24`), so a second pass
   redraws the same mask without storing it, and any slice of a tensor can be drawn independently;
 - one combine pass walks the tensor in cache-sized chunks, streams over the experts and accumulates the
@@ -22,6 +22,8 @@ in blocks): a relative difference of ~1e-7 in one scale factor per expert and te
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -152,18 +154,20 @@ def _abs_histogram(base, expert, hist):
 
 
 @njit(nogil=True, cache=True)
-def _collect_buckets(base, expert, first, second, cursors, lows):
-    """The low 16 bits of the entries in the high-16-bit buckets `first` and `second` (-1: none), into
-    lows from cursors[0] (first) and cursors[1] (second) on."""
+def _collect_buckets(base, expert, first, second, cursors, lows, where):
+    """The low 16 bits and the positions of the entries in the high-16-bit buckets `first` and `second` (-1:
+    none), into lows and where from cursors[0] (first) and cursors[1] (second) on."""
     low_mask = np.uint32(0xFFFF)
     for j in range(base.size):
         a = _tau_bits(base, expert, j)[1]
         high = np.int64(a >> np.uint32(16))
         if high == first:
             lows[cursors[0]] = a & low_mask
+            where[cursors[0]] = j
             cursors[0] += 1
         elif high == second:
             lows[cursors[1]] = a & low_mask
+            where[cursors[1]] = j
             cursors[1] += 1
 
 
@@ -396,19 +400,10 @@ def select_bucket(counts: np.ndarray, count: int) -> tuple[int, int]:
 
 
 @njit(nogil=True, cache=True)
-def _pack_abs(base, expert, descending, first, last, out):
-    """The packed `stdsort` entries of |tau|; the payload of the c-th entry whose |tau| bits are `first` or
-    `last` (-1: none) is c, not its index (the sort moves payloads, never compares them). Returns the count
-    of those entries."""
-    c = 0
+def _pack_abs(base, expert, descending, out):
+    """The packed `stdsort` entries of |tau|."""
     for j in range(base.size):
-        a = _tau_bits(base, expert, j)[1]
-        if np.int64(a) == first or np.int64(a) == last:
-            out[j] = stdsort.entry(a, c, descending)
-            c += 1
-        else:
-            out[j] = stdsort.entry(a, j, descending)
-    return c
+        out[j] = stdsort.entry(_tau_bits(base, expert, j)[1], j, descending)
 
 
 def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descending: bool, compact: bool = False
@@ -422,40 +417,21 @@ def rank_bounds(base: np.ndarray, expert: np.ndarray, lo: int, hi: int, descendi
         return np.array(EMPTY if hi <= lo else ALL, np.int64), None
     hist = np.zeros(1 << 15, np.int64)
     _abs_histogram(base, expert, hist)
-    (last, take, group), (first, before, first_group) = _rank_keys(base, expert, hist, [hi, lo + 1], descending)
+    keys, positions = _rank_keys(base, expert, hist, [hi, lo + 1], descending)
+    (last, take, group), (first, before, _) = keys
     bounds = np.array([min(first, last), max(first, last), 1], np.int64)
     if take == group and before == 1:
         return bounds, None  # neither boundary splits a group of equal |tau|
     bounds[2] = 0
-    # Sort keys are equal iff the |tau| bits are, but for NaNs (all one key): with no NaN bound, the edge
-    # entries' sort payloads are their ranks among the edge entries, so `mark` sets the compact bits directly.
-    direct = compact and max(first, last) < stdsort.KEY_LIMIT
     v = np.empty(n, np.int64)
-    edges = _pack_abs(base, expert, descending, first if direct else -1, last if direct else -1, v)
-    bits = np.zeros(((edges if direct else n) + 7) // 8, np.uint8)
+    _pack_abs(base, expert, descending, v)
+    bits = np.zeros((n + 7) // 8, np.uint8)
     stdsort.mark(stdsort.replay(v, lo, hi), lo, hi, first, last, descending, bits)
     del v
-    if direct or not compact:
+    if not compact:
         return bounds, bits
-    edges = group + (first_group if first != last else 0)
-    out = np.zeros((edges + 7) // 8, np.uint8)
-    if _compact_edges(base, expert, bounds, bits, out) != edges:
-        raise AssertionError("edge entries miscounted")  # a bug, never the input's fault
-    return bounds, out
-
-
-@njit(nogil=True, cache=True)
-def _compact_edges(base, expert, bounds, bits, out):
-    """out: bit c = bit j of `bits` for the c-th entry j (in position order) whose |tau| bits are bounds[0] or
-    bounds[1]; returns how many there are. For a NaN bound only: `rank_bounds` marks the others directly."""
-    c = 0
-    for j in range(base.size):
-        a = np.int64(_tau_bits(base, expert, j)[1])
-        if a == bounds[0] or a == bounds[1]:
-            if _bit(bits, j):
-                out[c >> 3] |= np.uint8(1 << (c & 7))
-            c += 1
-    return c
+    edges = positions(first, last)  # the edge entries, from the bucket pass: no pass over the tensor
+    return bounds, np.packbits((bits[edges >> 3] >> (edges & 7)) & 1, bitorder="little")
 
 
 def pack_bitsets(bitsets: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -471,16 +447,18 @@ def pack_bitsets(bitsets: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarr
 
 
 def _rank_keys(base: np.ndarray, expert: np.ndarray, hist: np.ndarray, ranks: list[int], descending: bool
-               ) -> list[tuple[int, int, int]]:
+               ) -> tuple[list[tuple[int, int, int]], Callable[[int, int], np.ndarray]]:
     """For each rank r (1 <= r <= n) in sort order: (|tau| bits of the r-th entry, how many entries of that
-    value the first r hold, how many entries have that value)."""
+    value the first r hold, how many entries have that value); and `positions(x, y)`: the positions, in
+    ascending order, of the entries whose |tau| bits are x or y, two of those values."""
     flip = 0 if descending else FLIP_SMALLEST
     found = [select_bucket(hist if descending else hist[::-1], r) for r in ranks]
     buckets = sorted({b if descending else 0x7FFF - b for b, _ in found}) + [-1]
     sizes = [int(hist[b]) if b >= 0 else 0 for b in buckets[:2]]
     offsets = np.array([0, sizes[0], sizes[0] + sizes[1]], np.int64)
     lows = np.empty(int(offsets[-1]), np.int64)
-    _collect_buckets(base, expert, buckets[0], buckets[1], offsets[:2].copy(), lows)
+    where = np.empty(int(offsets[-1]), np.int64)
+    _collect_buckets(base, expert, buckets[0], buckets[1], offsets[:2].copy(), lows, where)
     out = []
     for bucket, take in found:
         q = buckets.index(bucket if descending else 0x7FFF - bucket)
@@ -488,7 +466,16 @@ def _rank_keys(base: np.ndarray, expert: np.ndarray, hist: np.ndarray, ranks: li
         counts = np.bincount(low if descending else 0xFFFF - low, minlength=1 << 16)
         sub, take = select_bucket(counts, take)
         out.append((((bucket << 16) | sub) ^ flip, take, int(counts[sub])))
-    return out
+
+    def positions(x: int, y: int) -> np.ndarray:
+        parts = []
+        for q, bucket in enumerate(buckets[:2]):
+            if bucket >= 0:
+                bits = (bucket << 16) | lows[offsets[q]:offsets[q + 1]]
+                parts.append(where[offsets[q]:offsets[q + 1]][(bits == x) | (bits == y)])
+        return np.sort(np.concatenate(parts), kind="stable")  # two ascending runs: one merge
+
+    return out, positions
 
 
 _OUT = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.float32, np.float32)}
