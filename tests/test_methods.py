@@ -583,7 +583,7 @@ def test_sce_matches_formula(name, shape, n, topk):
 
 @pytest.mark.parametrize("topk", [0.5, 1.0])
 def test_sce_in_slices_is_sce_in_one(topk, monkeypatch):
-    """The sum pass works in slices (and the variance): the same bits as in one slice."""
+    """The variance works in 1M-element slices: the same bits as in one slice."""
     from aim_ray.methods import sce
 
     g = torch.Generator().manual_seed(6)

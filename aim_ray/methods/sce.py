@@ -53,19 +53,23 @@ def sce_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor:
     positive = (total >= 0).view(-1)  # the sign vote: sum of the selected task vectors, in expert order
     del total
     weights = _weights(torch.stack(squares))
-    mixed, divisor = torch.empty(positive.numel()), torch.empty(positive.numel())
+    negative = ~positive
+    # Scratch reused by every expert: fresh full-size temporaries per expert fragmented the heap (the peak
+    # grew with the experts), and slice-sized ones cost page faults.
+    agree, other, w = torch.empty_like(positive), torch.empty_like(positive), torch.empty(positive.shape)
+    zero = torch.zeros(())
+    mixed = divisor = None
     for i in range(n):
         t = tau(i).view(-1)
-        for s in range(0, t.numel(), _SLICE):  # slice-sized temporaries: full-size ones fragmented the heap
-            ts, vote = t[s:s + _SLICE], positive[s:s + _SLICE]
-            w = torch.where((ts > 0) & vote | (ts < 0) & ~vote, weights[i], 0.0)
-            ts.mul_(w)
-            if i == 0:
-                mixed[s:s + _SLICE].copy_(ts)
-                divisor[s:s + _SLICE].copy_(w)
-            else:
-                mixed[s:s + _SLICE].add_(ts)
-                divisor[s:s + _SLICE].add_(w)
+        torch.gt(t, 0, out=agree).logical_and_(positive)  # (t > 0) & positive | (t < 0) & ~positive
+        torch.lt(t, 0, out=other).logical_and_(negative)
+        torch.where(agree.logical_or_(other), weights[i], zero, out=w)
+        t.mul_(w)
+        if mixed is None:
+            mixed, divisor = t, w.clone()
+        else:
+            mixed.add_(t)
+            divisor.add_(w)
         del t
     return mixed.div_(divisor.clamp_(min=DIVISOR_FLOOR)).view(shape)
 
@@ -95,18 +99,22 @@ def select_mask(inputs: TensorInputs, topk: float) -> torch.Tensor:
 def _variance(inputs: TensorInputs) -> torch.Tensor:
     """Population variance over the experts of each element of tau, float32: Welford's update in float64,
     operation for operation as torch.var(stack, dim=0, unbiased=False) on CPU, so bit for bit its result.
-    The float64 scratch is per 1M-element slice; mean and M2 are the only full-size float64 buffers."""
-    mean = m2 = shape = None
+    The float64 scratch is one 1M-element slice, reused (fresh slices cost page faults); mean and M2 are the
+    only full-size float64 buffers."""
+    mean = m2 = shape = scratch = None
     for i in range(inputs.n_experts):
         x = inputs.task_vector(i)
         shape, x = x.shape, x.reshape(-1)
         if mean is None:
             mean, m2 = x.double(), torch.zeros(x.numel(), dtype=torch.float64)
+            scratch = [torch.empty(min(_SLICE, x.numel()), dtype=torch.float64) for _ in range(3)]
             continue
         for s in range(0, x.numel(), _SLICE):
-            xs, ms = x[s:s + _SLICE].double(), mean[s:s + _SLICE]
-            delta = xs - ms
-            ms.add_(delta / (i + 1))
+            ms = mean[s:s + _SLICE]
+            xs, delta, step = (b[:ms.numel()] for b in scratch)
+            xs.copy_(x[s:s + _SLICE])
+            torch.sub(xs, ms, out=delta)
+            ms.add_(torch.div(delta, i + 1, out=step))
             m2[s:s + _SLICE].add_(delta.mul_(xs.sub_(ms)))
         del x
     return m2.div_(inputs.n_experts).to(torch.float32).view(shape)
