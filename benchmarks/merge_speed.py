@@ -4,7 +4,7 @@
         [--methods M ...] [--skip-speed] [--heap-threads T]
 
 Speed: base + experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for every method in
-`METHODS` (3 experts, or what the method takes: slerp and nearswap 1, nuslerp 2), and a passthrough slices
+`METHODS` (3 experts, or what the method takes: slerp, nearswap and arcee_fusion 1, nuslerp 2), and a passthrough slices
 frankenmerge (two experts' layer ranges stacked: 2L - 2 layers). Memory: ties with
 N = 2, 4, 8, 16 experts for both tools, and every streaming method at the smallest and largest N for aim-ray:
 peak anonymous RSS (heap; memory-mapped input pages are page cache, not heap). Inputs are warm in the page
@@ -36,8 +36,19 @@ METHODS: dict[str, tuple[int, dict, dict]] = {
     "nuslerp": (2, {"weight": 0.5}, {}),
     "model_stock": (3, {}, {}),
     "karcher": (3, {}, {}),
+    "linear": (3, {"weight": 0.5}, {"weight": 0.1}),  # the global weight merges the base as one more model
+    "dare_linear": (3, {"weight": 0.5, "density": 0.5}, {}),
+    "breadcrumbs_ties": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}),
+    "della": (3, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": (3, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}),
+    "multislerp": (3, {"weight": 0.5}, {}),
+    "ram": (3, {}, {}),
+    "ramplus_tl": (3, {}, {}),
+    "nearswap": (1, {}, {"t": 0.5}),
+    "arcee_fusion": (1, {}, {}),
 }
-STREAMING = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "sce", "model_stock", "karcher")
+# Every method of METHODS that takes any number of experts: its peak heap must not grow with them.
+STREAMING = tuple(m for m, (n, _, _) in METHODS.items() if n > 2)
 
 
 def method_yaml(work: Path, method: str, base: Path, experts: list[Path], n: int | None = None) -> Path:
