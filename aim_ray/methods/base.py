@@ -137,3 +137,10 @@ def mask_seed(seed: int, expert_index: int, tensor_name: str) -> int:
     """63-bit seed from (seed, expert, tensor): stable across processes (unlike hash())."""
     digest = hashlib.sha256(f"{seed}:{expert_index}:{tensor_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def count_mask_(count: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """count += mask (bool), in place. A uint8 count adds the mask's bytes as they are: adding the bool tensor
+    itself makes torch cast it into a full-size temporary on every call, and those fragmented the heap (its
+    peak grew by the mask's size with every expert)."""
+    return count.add_(mask.view(torch.uint8) if count.dtype == torch.uint8 else mask)

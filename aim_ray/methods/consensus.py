@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import ConfigError, StatisticsError
-from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, register
+from .base import MergeMethod, MethodParams, ParamSpec, TensorInputs, count_mask_, register
 from .sparsify import rank_mask
 
 
@@ -56,7 +56,7 @@ def stitch(inputs: TensorInputs, masked: Iterator[tuple[torch.Tensor, torch.Tens
     for tau, mask in masked:
         tau.masked_fill_(~mask, 0.0)
         total = tau if total is None else total.add_(tau)
-        count = mask.to(count_dtype) if count is None else count.add_(mask)
+        count = mask.to(count_dtype) if count is None else count_mask_(count, mask)
         del tau, mask
     if total is None:
         return torch.zeros_like(inputs.base())
