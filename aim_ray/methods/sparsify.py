@@ -76,7 +76,8 @@ def _key_at(flat: torch.Tensor, position: int, descending: bool) -> torch.Tensor
 
 def rescaled(tau: torch.Tensor, mask: torch.Tensor, norm: str | None,
              keep_prob: float | torch.Tensor | None) -> torch.Tensor:
-    """tau * mask, rescaled: `norm` in RESCALE_NORMS or None; keep_prob (float or tensor) for 'inverse'."""
+    """tau * mask (bool, or float 1.0 / 0.0: the same products), rescaled: `norm` in RESCALE_NORMS or None;
+    keep_prob (float or tensor) for 'inverse'."""
     masked = tau * mask
     if norm is None:
         return masked
@@ -121,7 +122,7 @@ def bernoulli(tau: torch.Tensor, density: float, key: int, norm: str | None = No
     uniform draw (`kernels.uniform24`) that the fused path redraws without storing the mask."""
     if density >= 1:
         return tau
-    mask = uniform(key, tau.shape) < density
+    mask = uniform(key, tau.shape).lt_(density)  # 1.0 / 0.0 in the draw's buffer, as in della_magprune
     return rescaled(tau, mask, norm, density)
 
 
@@ -137,7 +138,7 @@ def della_magprune(tau: torch.Tensor, density: float, epsilon: float, key: int, 
                          f"density={density}")
     rows = tau if tau.dim() >= 2 else tau.reshape(1, -1)
     probs = _della_probs(rows, density, epsilon)
-    mask = uniform(key, probs.shape) < probs
+    mask = uniform(key, probs.shape).lt_(probs)  # 1.0 / 0.0 in the draw's buffer: no fresh bool mask per expert
     inverse = probs if norm == "inverse" else None
     del probs
     return rescaled(rows, mask, norm, inverse).reshape(tau.shape)

@@ -82,16 +82,19 @@ def _consensus_sum(contribution: Callable[[int], torch.Tensor], weights: list[fl
     width; there the sign can still differ from MergeKit's where T rounds to ~0.) Each expert is read and
     sparsified once instead of twice, for three more buffers.
     """
-    pos = neg = total = wpos = wneg = None
+    pos = neg = total = wpos = wneg = sign = None
     for i, w in enumerate(weights):
         d = contribution(i)
         if pos is None:
             pos, neg, total = torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)
             if normalize:
                 wpos, wneg = torch.zeros_like(d), torch.zeros_like(d)
+                # one sign mask for every expert: a fresh one per expert fragmented the heap (DELLA, 16
+                # experts: peak +16% over 2)
+                sign = torch.empty(d.shape, dtype=torch.bool)
         if normalize:
-            wpos.add_(d > 0, alpha=w)
-            wneg.add_(d < 0, alpha=w)
+            wpos.add_(torch.gt(d, 0, out=sign), alpha=w)
+            wneg.add_(torch.lt(d, 0, out=sign), alpha=w)
         total.add_(d)
         pos.add_(d.clamp(min=0))
         neg.add_(d.clamp_(max=0))
