@@ -1,7 +1,7 @@
 """aim-ray merge vs mergekit-yaml, side by side in one run, plus the I/O floor and peak heap vs N.
 
     .venv/bin/python benchmarks/merge_speed.py [--root DIR] [--quick] [--skip-mergekit-heap]
-        [--methods M ...] [--skip-speed] [--heap-threads T]
+        [--methods M ...] [--skip-speed] [--skip-heap] [--heap-threads T]
 
 Speed: base + experts (~220M parameters, bf16, 2 shards each, ~440 MB per model) for every method in
 `METHODS` (3 experts, or what the method takes: slerp, nearswap and arcee_fusion 1, nuslerp 2), and a passthrough slices
@@ -111,6 +111,7 @@ def main() -> None:
                     help="skip MergeKit's ties heap vs N table (its N=16 run alone takes minutes)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these methods' speed and heap rows")
     ap.add_argument("--skip-speed", action="store_true", help="skip the speed table")
+    ap.add_argument("--skip-heap", action="store_true", help="skip the heap tables")
     ap.add_argument("--heap-threads", type=int, help="aim-ray's --threads in its heap rows (default: as shipped)")
     args = ap.parse_args()
     methods = args.methods or list(METHODS)
@@ -135,6 +136,8 @@ def main() -> None:
         speed_row(f"passthrough slices (2 x {layers - 1} layers)", frankenmerge_yaml(work, experts, layers),
                   experts[:2], work)
 
+    if args.skip_heap:
+        return
     if not args.skip_mergekit_heap:
         print("\n## peak heap (anonymous RSS), ties density 0.5")
         print("| N experts | aim-ray MB | mergekit MB | aim-ray s | mergekit s |")
