@@ -36,11 +36,13 @@ class _Scratch:
         self.keep = torch.empty(like.shape, dtype=torch.bool)
         self.drop = torch.empty(like.shape, dtype=torch.bool)
 
+    def kept(self, tau: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """|tau| > epsilon (a scratch buffer: valid until the next call)."""
+        return torch.gt(torch.abs(tau, out=self.magnitude), epsilon, out=self.keep)
+
     def nonzero(self, tau: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """tau zeroed (in place) where |tau| <= epsilon; returns the mask of the kept entries (a scratch
-        buffer: valid until the next call)."""
-        torch.gt(torch.abs(tau, out=self.magnitude), epsilon, out=self.keep)
-        tau.masked_fill_(torch.logical_not(self.keep, out=self.drop), 0.0)
+        """tau zeroed (in place) where |tau| <= epsilon; returns the mask of the kept entries (`kept`)."""
+        tau.masked_fill_(torch.logical_not(self.kept(tau, epsilon), out=self.drop), 0.0)
         return self.keep
 
 
@@ -67,7 +69,7 @@ def ramplus_tl_merge(inputs: TensorInputs, params: MethodParams) -> torch.Tensor
     for i in range(inputs.n_experts):
         tau = inputs.task_vector(i)
         scratch = scratch or _Scratch(tau)
-        keep = torch.gt(torch.abs(tau, out=scratch.magnitude), epsilon, out=scratch.keep)
+        keep = scratch.kept(tau, epsilon)
         count = keep.to(_count_dtype(inputs.n_experts)) if count is None else count_mask_(count, keep)
         del tau
     # float32 once: dividing by the uint8 count would cast it to a fresh temporary for every expert
