@@ -138,7 +138,7 @@ def main() -> None:
 
     if args.skip_heap:
         return
-    if not args.skip_mergekit_heap:
+    if not args.skip_mergekit_heap and "ties" in methods:  # that table is ties vs N
         print("\n## peak heap (anonymous RSS), ties density 0.5")
         print("| N experts | aim-ray MB | mergekit MB | aim-ray s | mergekit s |")
         print("|---|---|---|---|---|")
